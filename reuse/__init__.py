@@ -1,0 +1,30 @@
+"""reuse: parameter reuse for convolutional networks.
+
+Layer reuse (one block applied N times with per-use BatchNorm and a channel shuffle, after
+Köpüklü et al., ICIP 2019), an FX pass that converts the stacked blocks of any CNN, finer grains
+of reuse, and LruNet, the paper's reference model.
+
+Example:
+    >>> import torch, reuse
+    >>> block = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8))
+    >>> reuse.wrap(block, n=4)(torch.randn(1, 8, 6, 6)).shape
+    torch.Size([1, 8, 6, 6])
+"""
+
+from reuse._errors import ReuseError
+
+__all__ = [
+    "ReuseError",
+    "ChannelShuffle",
+    "LayerReuse",
+    "channel_shuffle",
+    "is_batchnorm",
+    "is_norm",
+    "shuffle_permutation",
+    "wrap",
+]
+
+from reuse.layer import LayerReuse, is_batchnorm, is_norm, wrap
+from reuse.shuffle import ChannelShuffle, channel_shuffle, shuffle_permutation
+
+__version__ = "0.1.0"

@@ -1,0 +1,309 @@
+"""Layer reuse: one block applied N times, with its own normalisation per use.
+
+Köpüklü et al., "Convolutional Neural Networks with Layer Reuse" (ICIP 2019). Instead of stacking N
+copies of a block, :class:`LayerReuse` feeds one block its own output N times. Convolution weights
+(and every other parameter) are shared by all uses; each use has its own BatchNorm, because the
+feature statistics differ from use to use; a channel shuffle between two uses lets grouped filters
+see other channels at every use (none after the last use).
+
+How it is stored: ``uses[0]`` is the block handed in; ``uses[i]`` for ``i > 0`` is a light copy of it
+whose per-use modules (BatchNorm by default) are deep copies and whose other submodules are the very
+same module objects as in ``uses[0]``. So ``parameters()`` yields every shared tensor once, a traced
+graph calls ``uses.i.bn`` for the norm of use ``i`` and ``uses.0.conv`` for the shared conv, and
+``state_dict()`` keeps shared tensors once, under ``uses.0.``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator, Sequence
+from typing import Literal, Union
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.module import _addindent
+
+from reuse._errors import ReuseError
+from reuse.shuffle import ChannelShuffle, check_shuffle
+
+__all__ = ["LayerReuse", "PerUse", "is_batchnorm", "is_norm", "wrap"]
+
+PerUse = Union[Literal["batchnorm", "norms"], Callable[[nn.Module], bool]]
+"""Which submodules get one copy per use: ``"batchnorm"`` (anything with running statistics),
+``"norms"`` (BatchNorm plus GroupNorm, LayerNorm, InstanceNorm, RMSNorm), or a predicate."""
+
+_OTHER_NORMS: tuple[type[nn.Module], ...] = (
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.LocalResponseNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)
+
+
+def is_batchnorm(module: nn.Module) -> bool:
+    """True for a module with running statistics: ``BatchNorm1d/2d/3d``, ``SyncBatchNorm``, their subclasses
+    (timm's ``BatchNormAct2d``) and look-alikes holding a ``running_mean`` buffer (``FrozenBatchNorm2d``).
+
+    Example:
+        >>> is_batchnorm(nn.BatchNorm2d(8)), is_batchnorm(nn.GroupNorm(2, 8))
+        (True, False)
+    """
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) or isinstance(
+        getattr(module, "running_mean", None), Tensor
+    )
+
+
+def is_norm(module: nn.Module) -> bool:
+    """True for any normalisation layer: :func:`is_batchnorm` or GroupNorm, LayerNorm, InstanceNorm, RMSNorm.
+
+    Example:
+        >>> is_norm(nn.GroupNorm(2, 8)), is_norm(nn.Conv2d(8, 8, 1))
+        (True, False)
+    """
+    return is_batchnorm(module) or isinstance(module, _OTHER_NORMS)
+
+
+def _per_use_predicate(per_use: PerUse) -> Callable[[nn.Module], bool]:
+    if per_use == "batchnorm":
+        return is_batchnorm
+    if per_use == "norms":
+        return is_norm
+    if callable(per_use):
+        return per_use
+    raise ReuseError(f"per_use must be 'batchnorm', 'norms' or a predicate on modules, got {per_use!r}")
+
+
+def _shallow_copy(module: nn.Module) -> nn.Module:
+    """A new module object with the same attributes, whose registries (children, parameters, buffers,
+    hooks) are new dicts holding the same objects, so that replacing a child does not touch ``module``."""
+    new = copy.copy(module)
+    for name, value in vars(module).items():
+        if isinstance(value, dict):
+            setattr(new, name, copy.copy(value))
+        elif isinstance(value, set):
+            setattr(new, name, set(value))
+    return new
+
+
+def _has_per_use(module: nn.Module, is_per_use: Callable[[nn.Module], bool]) -> bool:
+    return any(is_per_use(m) for m in module.modules())
+
+
+def _clone_for_use(
+    template: nn.Module, is_per_use: Callable[[nn.Module], bool], source: nn.Module | None = None
+) -> nn.Module:
+    """The module tree of one more use: per-use modules deep-copied (from ``source`` where given, which
+    has ``template``'s structure), everything else the very same objects as in ``template``."""
+    source = template if source is None else source
+    if is_per_use(template):
+        return copy.deepcopy(source)
+    if not _has_per_use(template, is_per_use):
+        return template
+    new = _shallow_copy(template)
+    for name, child in template.named_children():
+        new._modules[name] = _clone_for_use(child, is_per_use, source.get_submodule(name))
+    return new
+
+
+def _named_tensors(module: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    yield from module.named_parameters(remove_duplicate=False)
+    yield from module.named_buffers(remove_duplicate=False)
+
+
+def _drop_shared_keys(module: LayerReuse, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """State-dict post-hook: keep each shared tensor once, under ``uses.0.``."""
+    for name in module.shared_names():
+        for i in range(1, module.n):
+            state_dict.pop(f"{prefix}uses.{i}.{name}", None)
+
+
+def _fill_shared_keys(module: LayerReuse, state_dict: dict, prefix: str, *args: object) -> None:
+    """Load pre-hook: every use reads a shared tensor from its single ``uses.0.`` entry."""
+    for name in module.shared_names():
+        value = state_dict.get(f"{prefix}uses.0.{name}")
+        if value is not None:
+            for i in range(1, module.n):
+                state_dict.setdefault(f"{prefix}uses.{i}.{name}", value)
+
+
+class LayerReuse(nn.Module):
+    """Apply one block ``n`` times, with per-use normalisation and a channel shuffle between uses.
+
+    The block is adopted, not copied: its parameters become the shared ones and its own BatchNorms
+    serve use 0. Every other use starts from a copy of those BatchNorms (weights and running
+    statistics), so wrapping a trained block keeps its statistics. Parameters are stored and counted
+    once: ``sum(p.numel() for p in m.parameters())`` is the block's count plus the extra norms.
+
+    Args:
+        block: any module whose output has the shape of its input.
+        n: number of uses, at least 1. ``n=1`` is the block itself.
+        shuffle: shuffle the channels between two uses (never after the last).
+        groups: groups of the shuffle; must divide the channels.
+        swap_halves: exchange the two halves of the channels before the group shuffle (the paper's variant).
+        per_use: which submodules get one copy per use (see :data:`PerUse`).
+
+    Example:
+        >>> block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        >>> m = LayerReuse(block, n=4)
+        >>> m(torch.randn(2, 8, 5, 5)).shape
+        torch.Size([2, 8, 5, 5])
+        >>> sum(p.numel() for p in m.parameters())  # 576 conv weights once + 4 BatchNorms of 16
+        640
+    """
+
+    def __init__(
+        self,
+        block: nn.Module,
+        n: int = 8,
+        *,
+        shuffle: bool = True,
+        groups: int = 2,
+        swap_halves: bool = True,
+        per_use: PerUse = "batchnorm",
+    ) -> None:
+        super().__init__()
+        _check_args(block, n, groups)
+        self.n = n
+        self.per_use = per_use
+        self.shuffle = ChannelShuffle(groups, swap_halves) if shuffle else None
+        is_per_use = _per_use_predicate(per_use)
+        self.uses = nn.ModuleList([block] + [_clone_for_use(block, is_per_use) for _ in range(n - 1)])
+        self._register_hooks()
+
+    @classmethod
+    def from_blocks(
+        cls,
+        blocks: Sequence[nn.Module],
+        *,
+        shuffle: bool = True,
+        groups: int = 2,
+        swap_halves: bool = True,
+        per_use: PerUse = "batchnorm",
+    ) -> LayerReuse:
+        """Build a reused block from ``len(blocks)`` blocks of one structure: shared modules come from
+        ``blocks[0]``, per-use module ``i`` is a copy of the one in ``blocks[i]``. The blocks are not modified.
+
+        Example:
+            >>> blocks = [nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)) for _ in range(3)]
+            >>> m = LayerReuse.from_blocks(blocks, shuffle=False)
+            >>> m.n, m.uses[2][1] is blocks[2][1]
+            (3, False)
+        """
+        if not blocks:
+            raise ReuseError("LayerReuse.from_blocks: needs at least one block, got none")
+        is_per_use = _per_use_predicate(per_use)
+        first = copy.deepcopy(blocks[0])
+        self = cls(first, n=1, shuffle=shuffle, groups=groups, swap_halves=swap_halves, per_use=per_use)
+        for i, other in enumerate(blocks[1:], start=1):
+            _check_same_structure(blocks[0], other, i)
+            self.uses.append(_clone_for_use(first, is_per_use, source=other))
+        self.n = len(blocks)
+        return self
+
+    def _register_hooks(self) -> None:
+        self.register_state_dict_post_hook(_drop_shared_keys)
+        self.register_load_state_dict_pre_hook(_fill_shared_keys)
+
+    @property
+    def block(self) -> nn.Module:
+        """The block as seen by use 0; its non-per-use modules are the shared ones."""
+        return self.uses[0]
+
+    def shared_names(self) -> list[str]:
+        """Names (relative to one use) of the parameters and buffers that every use shares.
+
+        Example:
+            >>> m = LayerReuse(nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)), n=2)
+            >>> m.shared_names()
+            ['0.weight', '0.bias']
+        """
+        per_use = [dict(_named_tensors(use)) for use in self.uses]
+        return [name for name, t in per_use[0].items() if all(other.get(name) is t for other in per_use[1:])]
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i, use in enumerate(self.uses):
+            if i and self.shuffle is not None:
+                x = self.shuffle(x)  # (B, C, H, W), channels permuted
+            y = use(x)  # (B, C, H, W)
+            if i == 0 and not isinstance(x, torch.fx.Proxy):
+                self._check_first_use(x, y)
+            x = y
+        return x
+
+    def _check_first_use(self, x: Tensor, y: object) -> None:
+        name = type(self.uses[0]).__name__
+        if not isinstance(y, Tensor):
+            raise ReuseError(
+                f"LayerReuse: block {name} returned {type(y).__name__}, not a tensor; "
+                "layer reuse feeds a block its own output, so it needs a block that maps a tensor to a tensor"
+            )
+        if y.shape != x.shape:
+            raise ReuseError(
+                f"LayerReuse: block {name} changes the shape {tuple(x.shape)} -> {tuple(y.shape)}; "
+                "layer reuse feeds a block its own output, so the block must keep the shape "
+                "(reuse the blocks after a stage's first, downsampling block)"
+            )
+        if self.shuffle is not None and self.n > 1:
+            try:
+                check_shuffle(x.shape[1], self.shuffle.groups, self.shuffle.swap_halves)
+            except ReuseError as err:
+                raise ReuseError(
+                    f"LayerReuse around {name} with input shape {tuple(x.shape)}: {err}; "
+                    "or pass shuffle=False"
+                ) from None
+
+    def __repr__(self) -> str:
+        block = _addindent(repr(self.uses[0]), 2)
+        per_use = self.per_use if isinstance(self.per_use, str) else getattr(self.per_use, "__name__", "custom")
+        return f"LayerReuse(n={self.n}, shuffle={self.shuffle!r}, per_use={per_use!r}, block={block})"
+
+
+def _check_args(block: object, n: object, groups: object) -> None:
+    if not isinstance(block, nn.Module):
+        raise ReuseError(
+            f"LayerReuse: block must be an nn.Module, got {type(block).__name__}; "
+            "wrap a module such as nn.Sequential(...) or your block class"
+        )
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ReuseError(f"LayerReuse: n must be an int >= 1 (the number of uses), got {n!r}; use n=1 for no reuse")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ReuseError(f"LayerReuse: groups must be a positive int that divides the channels, got {groups!r}")
+
+
+def _structure(module: nn.Module) -> list[tuple[str, str, tuple]]:
+    return [
+        (name, type(m).__name__, tuple((p, tuple(t.shape)) for p, t in m.named_parameters(recurse=False)))
+        for name, m in module.named_modules()
+    ]
+
+
+def _check_same_structure(first: nn.Module, other: nn.Module, index: int) -> None:
+    if _structure(first) != _structure(other):
+        raise ReuseError(
+            f"LayerReuse.from_blocks: block {index} ({type(other).__name__}) differs in structure from block 0 "
+            f"({type(first).__name__}); all blocks must have the same submodules and parameter shapes"
+        )
+
+
+def wrap(
+    block: nn.Module,
+    n: int = 8,
+    shuffle: bool = True,
+    groups: int = 2,
+    *,
+    swap_halves: bool = True,
+    per_use: PerUse = "batchnorm",
+) -> LayerReuse:
+    """Reuse ``block`` ``n`` times: shared weights, per-use BatchNorm, the paper's shuffle between uses.
+
+    See :class:`LayerReuse` for the arguments.
+
+    Example:
+        >>> import reuse
+        >>> block = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False), nn.BatchNorm2d(16))
+        >>> m = reuse.wrap(block, n=8)
+        >>> m.n, m(torch.randn(1, 16, 4, 4)).shape
+        (8, torch.Size([1, 16, 4, 4]))
+    """
+    return LayerReuse(block, n, shuffle=shuffle, groups=groups, swap_halves=swap_halves, per_use=per_use)
