@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator, Sequence
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +28,7 @@ from reuse.shuffle import ChannelShuffle, check_shuffle
 
 __all__ = ["LayerReuse", "PerUse", "is_batchnorm", "is_norm", "wrap"]
 
-PerUse = Union[Literal["batchnorm", "norms"], Callable[[nn.Module], bool]]
+PerUse = Literal["batchnorm", "norms"] | Callable[[nn.Module], bool]
 """Which submodules get one copy per use: ``"batchnorm"`` (anything with running statistics),
 ``"norms"`` (BatchNorm plus GroupNorm, LayerNorm, InstanceNorm, RMSNorm), or a predicate."""
 
@@ -249,8 +249,7 @@ class LayerReuse(nn.Module):
                 check_shuffle(x.shape[1], self.shuffle.groups, self.shuffle.swap_halves)
             except ReuseError as err:
                 raise ReuseError(
-                    f"LayerReuse around {name} with input shape {tuple(x.shape)}: {err}; "
-                    "or pass shuffle=False"
+                    f"LayerReuse around {name} with input shape {tuple(x.shape)}: {err}; or pass shuffle=False"
                 ) from None
 
     def __repr__(self) -> str:

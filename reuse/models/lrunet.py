@@ -1,0 +1,165 @@
+"""LruNet, the reference model of "Convolutional Neural Networks with Layer Reuse" (Köpüklü et al., ICIP 2019).
+
+Table 1 of the paper, input 32x32 (28x28 for Fashion-MNIST), with N uses of each LRU block::
+
+    stem    conv 3x3 s2, 64 filters, BN, ReLU                  -> 64 x 16 x 16
+    stage1  LRU block F=64  x N, maxpool 3x3 s2, concat self   -> 128 x 8 x 8
+    stage2  LRU block F=128 x N, maxpool 3x3 s2, concat self   -> 256 x 4 x 4
+    stage3  LRU block F=256 x N, concat self                   -> 512 x 4 x 4
+    stage4  LRU block F=512 x N, maxpool 3x3 s2                -> 512 x 2 x 2
+    head    conv 1x1 g8 -> 256, BN, ReLU, dropout, conv 1x1 -> classes, ReLU, average pool
+
+The width multiplier scales 64/128/256/512/256. At 2x the authors keep the stem at 64 filters and
+concatenate its output with itself to reach 128; other widths scale the stem too.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from reuse._errors import ReuseError
+from reuse.layer import LayerReuse, wrap
+
+__all__ = ["LruBlock", "LruNet", "SelfConcat"]
+
+
+class LruBlock(nn.Module):
+    """The paper's LRU block: depthwise 3x3 conv F -> 2F (channel multiplier 2), BN, pointwise 1x1 conv
+    2F -> F in 8 groups, BN, shortcut, ReLU. Reuse it with :func:`reuse.wrap`.
+
+    Example:
+        >>> LruBlock(64)(torch.randn(2, 64, 8, 8)).shape
+        torch.Size([2, 64, 8, 8])
+    """
+
+    def __init__(self, channels: int, pw_groups: int = 8) -> None:
+        super().__init__()
+        if channels % pw_groups:
+            raise ReuseError(f"LruBlock: pw_groups={pw_groups} does not divide {channels} channels")
+        self.channels = channels
+        self.dw = nn.Conv2d(channels, 2 * channels, 3, padding=1, groups=channels, bias=False)
+        self.dw_bn = nn.BatchNorm2d(2 * channels)
+        self.pw = nn.Conv2d(2 * channels, channels, 1, groups=pw_groups, bias=False)
+        self.pw_bn = nn.BatchNorm2d(channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.dw_bn(self.dw(x))  # (B, 2F, H, W)
+        y = self.pw_bn(self.pw(y))  # (B, F, H, W)
+        return torch.relu(y + x)  # (B, F, H, W), shortcut
+
+
+class SelfConcat(nn.Module):
+    """Concatenate a tensor with itself along the channels, doubling them without parameters."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([x, x], dim=1)  # (B, 2C, H, W)
+
+
+def _widths(width_mult: float) -> tuple[int, tuple[int, int, int, int], int]:
+    if width_mult <= 0:
+        raise ReuseError(f"LruNet: width_mult must be positive, got {width_mult}")
+    stages = tuple(int(round(c * width_mult)) for c in (64, 128, 256, 512))
+    head = int(round(256 * width_mult))
+    stem = 64 if width_mult in (1.0, 2.0) else stages[0]
+    for c in (*stages, head):
+        if c % 8:
+            raise ReuseError(
+                f"LruNet: width_mult={width_mult} gives {c} channels, not a multiple of 8 "
+                "(the pointwise convolutions use 8 groups); pick a width that keeps 64*width a multiple of 8"
+            )
+    return stem, stages, head  # type: ignore[return-value]
+
+
+class LruNet(nn.Module):
+    """N-LruNet-wx: the paper's network, each LRU block used ``reuse`` times.
+
+    Args:
+        num_classes: number of classes.
+        width_mult: width multiplier w (1.0 and 2.0 are the authors' models).
+        reuse: N, the number of uses of each LRU block.
+        drop_rate: dropout before the last convolution (0.5; the paper uses 0.7 for CIFAR-100).
+        in_chans: input channels (3, or 1 for Fashion-MNIST).
+        shuffle: channel shuffle between uses, as in the paper.
+
+    Example:
+        >>> model = LruNet(num_classes=10, reuse=14)
+        >>> sum(p.numel() for p in model.parameters())  # the paper's 206k
+        206282
+        >>> model(torch.randn(2, 3, 32, 32)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        width_mult: float = 1.0,
+        reuse: int = 8,
+        drop_rate: float = 0.5,
+        in_chans: int = 3,
+        shuffle: bool = True,
+    ) -> None:
+        super().__init__()
+        stem, (c1, c2, c3, c4), head = _widths(width_mult)
+        self.num_classes = num_classes
+        self.width_mult = width_mult
+        self.reuse = reuse
+        self.drop_rate = drop_rate
+        self.in_chans = in_chans
+        self.num_features = c4
+        self.head_hidden_size = head
+
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_chans, stem, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(stem), nn.ReLU(inplace=True)
+        )
+        self.stem_concat = SelfConcat() if stem != c1 else nn.Identity()
+        self.stage1 = wrap(LruBlock(c1), reuse, shuffle=shuffle)
+        self.pool1 = nn.MaxPool2d(3, stride=2, padding=1)
+        self.concat1 = SelfConcat()
+        self.stage2 = wrap(LruBlock(c2), reuse, shuffle=shuffle)
+        self.pool2 = nn.MaxPool2d(3, stride=2, padding=1)
+        self.concat2 = SelfConcat()
+        self.stage3 = wrap(LruBlock(c3), reuse, shuffle=shuffle)
+        self.concat3 = SelfConcat()
+        self.stage4 = wrap(LruBlock(c4), reuse, shuffle=shuffle)
+        self.pool4 = nn.MaxPool2d(3, stride=2, padding=1)
+
+        self.head_conv = nn.Conv2d(c4, head, 1, groups=8, bias=False)
+        self.head_bn = nn.BatchNorm2d(head)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.classifier = nn.Conv2d(head, num_classes, 1)
+        self.global_pool = nn.AdaptiveAvgPool2d(1)
+
+    @property
+    def stages(self) -> list[LayerReuse]:
+        """The four reused LRU blocks."""
+        return [self.stage1, self.stage2, self.stage3, self.stage4]
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        x = self.stem_concat(self.stem(x))  # (B, 64w, H/2, W/2)
+        x = self.concat1(self.pool1(self.stage1(x)))  # (B, 128w, H/4, W/4)
+        x = self.concat2(self.pool2(self.stage2(x)))  # (B, 256w, H/8, W/8)
+        x = self.concat3(self.stage3(x))  # (B, 512w, H/8, W/8)
+        return self.pool4(self.stage4(x))  # (B, 512w, H/16, W/16)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = torch.relu(self.head_bn(self.head_conv(x)))  # (B, 256w, h, w)
+        x = self.head_drop(x)
+        if pre_logits:
+            return self.global_pool(x).flatten(1)  # (B, 256w)
+        x = torch.relu(self.classifier(x))  # (B, classes, h, w), the authors' ReLU on the class maps
+        return self.global_pool(x).flatten(1)  # (B, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module:
+        return self.classifier
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the last convolution with a new one for ``num_classes`` classes (0: no classifier)."""
+        self.num_classes = num_classes
+        if num_classes > 0:
+            self.classifier = nn.Conv2d(self.head_hidden_size, num_classes, 1)
+        else:
+            self.classifier = nn.Identity()
