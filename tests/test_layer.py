@@ -52,7 +52,9 @@ class NestedNorms(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.body = nn.Sequential(ConvBnAct(channels), nn.Sequential(nn.Conv2d(channels, channels, 1), nn.BatchNorm2d(channels)))
+        self.body = nn.Sequential(
+            ConvBnAct(channels), nn.Sequential(nn.Conv2d(channels, channels, 1), nn.BatchNorm2d(channels))
+        )
         self.scale = nn.Parameter(torch.rand(1, channels, 1, 1) + 0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -166,7 +168,10 @@ def test_parameters_and_state_dict_hold_shared_tensors_once() -> None:
     n_norms = 2 * (2 * 32 + 2 * 16)  # dw_bn over 32 channels, pw_bn over 16: weight and bias
     assert sum(p.numel() for p in model.parameters()) == n_shared + 8 * n_norms // 2
     sd = model.state_dict()
-    assert [k for k in sd if k.endswith("dw.weight") or k.endswith("pw.weight")] == ["uses.0.dw.weight", "uses.0.pw.weight"]
+    assert [k for k in sd if k.endswith("dw.weight") or k.endswith("pw.weight")] == [
+        "uses.0.dw.weight",
+        "uses.0.pw.weight",
+    ]
     assert sum(k.endswith("dw_bn.running_mean") for k in sd) == 8
     ptrs = [t.data_ptr() for t in sd.values() if t.numel()]
     assert len(ptrs) == len(set(ptrs)), "a tensor is stored under two names"
@@ -316,7 +321,9 @@ def test_bad_per_use() -> None:
 # --- representation and integrations -----------------------------------------------------------------------
 def test_repr_shows_the_block_once() -> None:
     text = repr(wrap(LruBlock(16), n=8))
-    assert text.startswith("LayerReuse(n=8, shuffle=ChannelShuffle(groups=2, swap_halves=True), per_use='batchnorm', block=LruBlock(")
+    assert text.startswith(
+        "LayerReuse(n=8, shuffle=ChannelShuffle(groups=2, swap_halves=True), per_use='batchnorm', block=LruBlock("
+    )
     assert text.count("(dw): Conv2d") == 1
 
 
@@ -344,7 +351,9 @@ def test_fx_symbolic_trace(train: bool) -> None:
     targets = [n.target for n in gm.graph.nodes if n.op == "call_module"]
     assert "body.uses.2.dw_bn" in targets and "body.uses.0.dw" in targets and "body.uses.1.dw" not in targets
     if train:  # the traced graph updates the statistics of use 2, not use 0
-        torch.testing.assert_close(gm.get_submodule("body.uses.2.dw_bn").running_mean, model.body.uses[2].dw_bn.running_mean)
+        torch.testing.assert_close(
+            gm.get_submodule("body.uses.2.dw_bn").running_mean, model.body.uses[2].dw_bn.running_mean
+        )
 
 
 def test_torch_compile() -> None:
