@@ -127,8 +127,9 @@ def read_official(path: str | os.PathLike) -> OfficialCheckpoint:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for truncated or foreign files
+        reason = (str(err).strip().splitlines() or [""])[0][:200]
         raise ReuseError(
-            f"load_official: could not read {path} as a PyTorch checkpoint ({type(err).__name__}: {err}); "
+            f"load_official: could not read {path} as a PyTorch checkpoint ({type(err).__name__}: {reason}); "
             "the file is truncated, corrupt or not a torch.save file: download it again and compare its sha256 "
             "with the one the authors' release lists"
         ) from None
@@ -137,8 +138,9 @@ def read_official(path: str | os.PathLike) -> OfficialCheckpoint:
     elif isinstance(blob, dict) and all(isinstance(v, Tensor) for v in blob.values()):
         state_dict, acc, epoch = blob, None, None
     else:
+        keys = list(blob)[:5] if isinstance(blob, dict) else "-"
         raise ReuseError(
-            f"load_official: {path} holds a {type(blob).__name__} with keys {list(blob)[:5] if isinstance(blob, dict) else '-'}, "
+            f"load_official: {path} holds a {type(blob).__name__} with keys {keys}, "
             "not the authors' {'net': state_dict, 'acc', 'epoch'} dict nor a state dict; pass one of their .t7 files"
         )
     state_dict = _strip_prefix(state_dict)
