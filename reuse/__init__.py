@@ -28,3 +28,6 @@ from reuse.layer import LayerReuse, is_batchnorm, is_norm, wrap
 from reuse.shuffle import ChannelShuffle, channel_shuffle, shuffle_permutation
 
 __version__ = "0.1.0"
+
+# Registers LruNet with timm (``timm.create_model("lrunet14_1x")``) as a side effect of ``import reuse``.
+from reuse import models  # noqa: E402, F401

@@ -57,8 +57,10 @@ class SelfConcat(nn.Module):
 
 
 def _widths(width_mult: float) -> tuple[int, tuple[int, int, int, int], int]:
-    if width_mult <= 0:
-        raise ReuseError(f"LruNet: width_mult must be positive, got {width_mult}")
+    if isinstance(width_mult, bool) or not isinstance(width_mult, (int, float)) or not width_mult > 0:
+        raise ReuseError(
+            f"LruNet: width_mult must be a positive number, got {width_mult!r}; the paper uses 1.0 and 2.0"
+        )
     stages = tuple(int(round(c * width_mult)) for c in (64, 128, 256, 512))
     head = int(round(256 * width_mult))
     stem = 64 if width_mult in (1.0, 2.0) else stages[0]
@@ -69,6 +71,11 @@ def _widths(width_mult: float) -> tuple[int, tuple[int, int, int, int], int]:
                 "(the pointwise convolutions use 8 groups); pick a width that keeps 64*width a multiple of 8"
             )
     return stem, stages, head  # type: ignore[return-value]
+
+
+def _check_int(name: str, value: object, minimum: int, hint: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ReuseError(f"LruNet: {name} must be an int >= {minimum}, got {value!r} ({hint})")
 
 
 class LruNet(nn.Module):
@@ -100,6 +107,9 @@ class LruNet(nn.Module):
         shuffle: bool = True,
     ) -> None:
         super().__init__()
+        _check_int("reuse", reuse, 1, "the number of uses of each LRU block; 1 is no reuse")
+        _check_int("num_classes", num_classes, 0, "0 gives no classifier")
+        _check_int("in_chans", in_chans, 1, "3 for RGB, 1 for Fashion-MNIST")
         stem, (c1, c2, c3, c4), head = _widths(width_mult)
         self.num_classes = num_classes
         self.width_mult = width_mult
@@ -129,6 +139,16 @@ class LruNet(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.classifier = nn.Conv2d(head, num_classes, 1)
         self.global_pool = nn.AdaptiveAvgPool2d(1)
+        if num_classes == 0:
+            self.classifier = nn.Identity()
+        # timm's features_only: the stage outputs; the children run in this order in forward_features.
+        self.feature_info = [
+            dict(num_chs=stem, reduction=2, module="stem"),
+            dict(num_chs=c1, reduction=2, module="stage1"),
+            dict(num_chs=c2, reduction=4, module="stage2"),
+            dict(num_chs=c3, reduction=8, module="stage3"),
+            dict(num_chs=c4, reduction=8, module="stage4"),
+        ]
 
     @property
     def stages(self) -> list[LayerReuse]:
