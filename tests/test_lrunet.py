@@ -415,8 +415,8 @@ def test_released_checkpoint_through_timm(file: str) -> None:
 @pytest.mark.parametrize(
     "file",
     [
-        "fashionmnist-lru1-ckpt-09117.t7",  # about 3 s of 2-core CPU
-        # 10 uses of each block: about 10x the work (35-50 s of 2-core CPU), hence heavy
+        "fashionmnist-lru1-ckpt-09117.t7",  # measured: about 10 s of CPU time, one thread
+        # 10 uses of each block, measured: 89 s of CPU time on one thread (325 s wall on a loaded 2-core box)
         pytest.param("fashionmnist-lru10-ckpt-09346.t7", marks=pytest.mark.heavy),
     ],
 )
