@@ -160,6 +160,17 @@ RELEASED = {  # the authors' README: file -> (timm name with tag, reported accur
 }
 
 
+def test_plain_import_reuse_registers_with_timm() -> None:
+    import subprocess
+    import sys
+
+    code = "import reuse, timm; print(timm.create_model('lrunet14_1x').reuse)"
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "14"
+
+
 def test_import_reuse_registers_the_names() -> None:
     assert set(NAMES) | {"lrunet"} <= set(timm.list_models("lrunet*"))
     assert {name for name, _ in RELEASED.values()} == set(timm.list_pretrained("lrunet*"))
