@@ -137,10 +137,8 @@ class LruNet(nn.Module):
         self.head_conv = nn.Conv2d(c4, head, 1, groups=8, bias=False)
         self.head_bn = nn.BatchNorm2d(head)
         self.head_drop = nn.Dropout(drop_rate)
-        self.classifier = nn.Conv2d(head, num_classes, 1)
+        self.classifier = nn.Conv2d(head, num_classes, 1) if num_classes > 0 else nn.Identity()
         self.global_pool = nn.AdaptiveAvgPool2d(1)
-        if num_classes == 0:
-            self.classifier = nn.Identity()
         # timm's features_only: the stage outputs; the children run in this order in forward_features.
         self.feature_info = [
             dict(num_chs=stem, reduction=2, module="stem"),
