@@ -30,9 +30,9 @@ __all__ = [
     "kernel_reuse",
 ]
 
-from reuse.layer import LayerReuse, is_batchnorm, is_norm, wrap
-from reuse.shuffle import ChannelShuffle, channel_shuffle, shuffle_permutation
 from reuse.filter import FilterBank, FilterReuseConv2d, filter_reuse
 from reuse.kernel import KernelBank, KernelReuseConv2d, kernel_reuse
+from reuse.layer import LayerReuse, is_batchnorm, is_norm, wrap
+from reuse.shuffle import ChannelShuffle, channel_shuffle, shuffle_permutation
 
 __version__ = "0.1.0"

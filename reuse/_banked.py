@@ -278,7 +278,9 @@ def _reuse_convs(
             continue
         groups.setdefault(key(conv), []).append((name, conv))
     if not groups:
-        warnings.warn(f"{who}: found no convertible nn.Conv2d in {type(model).__name__}; returned it unchanged")
+        warnings.warn(
+            f"{who}: found no convertible nn.Conv2d in {type(model).__name__}; returned it unchanged", stacklevel=3
+        )
         return model
 
     swap: dict[int, nn.Module] = {}
