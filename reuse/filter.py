@@ -340,7 +340,8 @@ def filter_reuse(
         mode: ``"index"`` or ``"mix"`` (see :class:`FilterReuseConv2d` for what each costs).
         seed: the seed of the assignment (index) or of the initial coefficients (mix).
         include: which convs of a model to convert, a predicate on ``(qualified name, conv)``; all by default.
-        inplace: modify ``module`` in place; otherwise a converted copy is returned and ``module`` is untouched.
+        inplace: swap the convs of the model handed in; otherwise a converted copy is returned and ``module`` is
+            untouched. A single conv is never modified: the new layer is returned.
 
     Returns:
         The converted conv or model.

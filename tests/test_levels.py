@@ -159,6 +159,25 @@ def test_shape_and_parameter_count(grain: Grain, mode: str, data: st.DataObject)
 
 @grains
 @pytest.mark.parametrize("mode", MODES)
+def test_parameter_count_of_a_shared_bank(grain: Grain, mode: str) -> None:
+    """Three convs of one entry shape, one bank of 6: the bank counted once, plus each layer's closed form."""
+    convs = [nn.Conv2d(8, 16, 3), nn.Conv2d(16, 8, 3, groups=2, bias=False), nn.Conv2d(8, 24, 3, stride=2)]
+    if grain.name == "filter":
+        convs[1] = nn.Conv2d(8, 8, 3, bias=False)  # filters of 8 channels, as the others
+    model = grain.convert(nn.Sequential(*convs), bank_size=6, mode=mode)
+    bank = sum(p.numel() for p in model[0].bank.parameters())
+    assert sum(p.numel() for p in model.parameters()) == sum(grain.params(c, 6, mode) - bank for c in convs) + bank
+
+
+@grains
+def test_assignment_is_deterministic_from_the_seed(grain: Grain) -> None:
+    conv = nn.Conv2d(8, 32, 3)
+    a, b, c = (grain.build(grain.bank(10, conv), conv, "index", seed=s) for s in (3, 3, 4))
+    assert torch.equal(a.entry, b.entry) and not torch.equal(a.entry, c.entry)
+
+
+@grains
+@pytest.mark.parametrize("mode", MODES)
 @SETTINGS
 @given(data=st.data())
 def test_gradient_reaches_the_bank_from_every_user(grain: Grain, mode: str, data: st.DataObject) -> None:
