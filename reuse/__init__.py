@@ -22,8 +22,16 @@ __all__ = [
     "is_norm",
     "shuffle_permutation",
     "wrap",
+    "FilterBank",
+    "FilterReuseConv2d",
+    "KernelBank",
+    "KernelReuseConv2d",
+    "filter_reuse",
+    "kernel_reuse",
 ]
 
+from reuse.filter import FilterBank, FilterReuseConv2d, filter_reuse
+from reuse.kernel import KernelBank, KernelReuseConv2d, kernel_reuse
 from reuse.layer import LayerReuse, is_batchnorm, is_norm, wrap
 from reuse.shuffle import ChannelShuffle, channel_shuffle, shuffle_permutation
 

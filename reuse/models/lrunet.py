@@ -88,6 +88,8 @@ class LruNet(nn.Module):
         drop_rate: dropout before the last convolution (0.5; the paper uses 0.7 for CIFAR-100).
         in_chans: input channels (3, or 1 for Fashion-MNIST).
         shuffle: channel shuffle between uses, as in the paper.
+        level: the grain of reuse inside the LRU blocks: ``"layer"`` (the paper's), ``"filter"`` or ``"kernel"``
+            (their convs also draw filters or kernels from banks shared across the stages; see ``_reuse_block_convs``).
 
     Example:
         >>> model = LruNet(num_classes=10, reuse=14)
@@ -105,6 +107,7 @@ class LruNet(nn.Module):
         drop_rate: float = 0.5,
         in_chans: int = 3,
         shuffle: bool = True,
+        level: str = "layer",
     ) -> None:
         super().__init__()
         _check_int("reuse", reuse, 1, "the number of uses of each LRU block; 1 is no reuse")
@@ -147,6 +150,7 @@ class LruNet(nn.Module):
             dict(num_chs=c3, reduction=8, module="stage3"),
             dict(num_chs=c4, reduction=8, module="stage4"),
         ]
+        _reuse_block_convs(self, level)
 
     @property
     def stages(self) -> list[LayerReuse]:
@@ -181,3 +185,19 @@ class LruNet(nn.Module):
             self.classifier = nn.Conv2d(self.head_hidden_size, num_classes, 1)
         else:
             self.classifier = nn.Identity()
+
+
+def _reuse_block_convs(net: LruNet, level: str) -> None:
+    """Finer reuse inside the LRU blocks: ``level="filter"`` swaps their convs for :class:`reuse.FilterReuseConv2d`
+    (FRU), ``"kernel"`` their 3x3 depthwise convs for :class:`reuse.KernelReuseConv2d` (KRU; 1x1 kernels are single
+    numbers, left as they are). Index mode, one bank per filter shape (kernel size) shared by the four stages,
+    each a quarter of the filters (kernels) it replaces. ``"layer"`` leaves the blocks as the paper has them."""
+    from reuse.filter import filter_reuse
+    from reuse.kernel import kernel_reuse
+
+    convert = {"filter": filter_reuse, "kernel": kernel_reuse}
+    if level != "layer" and level not in convert:
+        raise ReuseError(f"LruNet: level must be 'layer', 'filter' or 'kernel', got {level!r}")
+    net.level = level
+    if level in convert:
+        convert[level](nn.ModuleList(net.stages), bank_size=0.25, mode="index", inplace=True)

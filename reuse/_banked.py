@@ -1,0 +1,301 @@
+"""Machinery shared by filter-level and kernel-level reuse (private; users import from ``reuse``).
+
+:class:`_BankedConv2d` is a 2-D convolution whose weight is drawn from a bank of shared entries at
+every call; :func:`_reuse_convs` is the model-level transform behind :func:`reuse.filter_reuse` and
+:func:`reuse.kernel_reuse`: it swaps every compatible ``nn.Conv2d`` of a model for a banked conv,
+with one bank per group of convs whose entries have the same shape.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import warnings
+from collections.abc import Callable, Hashable, Sequence
+from typing import Literal, TypeAlias
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from reuse._errors import ReuseError
+
+Mode = Literal["index", "mix"]
+"""How a layer draws its weight from a bank: ``"index"`` (each filter/kernel is one bank entry times a learned
+scale; the assignment is fixed at construction) or ``"mix"`` (each is a learned linear combination of all entries)."""
+
+BankSize: TypeAlias = "int | float | None"
+"""Entries per bank: an ``int`` (that many), a ``float`` (that fraction of the entries the bank replaces,
+rounded, at least 1) or ``None`` (as many as it replaces: no compression, the model computes what it did)."""
+
+Include: TypeAlias = "Callable[[str, nn.Conv2d], bool]"
+"""Predicate on ``(qualified name, conv)``: which convs of a model to convert."""
+
+_MODES = ("index", "mix")
+_log = logging.getLogger("reuse")
+
+
+def _check_mode(mode: object, who: str) -> None:
+    if mode not in _MODES:
+        raise ReuseError(f"{who}: mode must be 'index' or 'mix', got {mode!r}")
+
+
+def _pair(value: object, name: str, who: str) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)  # type: ignore[arg-type]
+    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) for v in pair):
+        raise ReuseError(f"{who}: {name} must be an int or a pair of ints, got {value!r}")
+    return pair  # type: ignore[return-value]
+
+
+def _positive_int(value: object, name: str, who: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ReuseError(f"{who}: {name} must be a positive int, got {value!r}")
+    return value
+
+
+def _generator(seed: int, salt: int = 0) -> torch.Generator:
+    """A CPU generator seeded from ``(seed, salt)``: the same pair always draws the same numbers."""
+    return torch.Generator().manual_seed((seed * 0x9E3779B1 + salt) % (1 << 63))
+
+
+def _order(size: int, seed: int) -> Tensor:
+    """The seeded order in which the users of a bank of ``size`` entries cycle through it: ``(size,)``."""
+    return torch.randperm(size, generator=_generator(seed))
+
+
+def _resolve_bank_size(bank_size: object, total: int, minimum: int, who: str) -> int:
+    """Entries of a bank that replaces ``total`` filters or kernels (see :data:`BankSize`); a fraction is
+    raised to ``minimum``, the smallest bank its users accept (an int below it is left to raise)."""
+    if bank_size is None:
+        return total
+    if isinstance(bank_size, bool) or not isinstance(bank_size, int | float) or bank_size <= 0:
+        raise ReuseError(
+            f"{who}: bank_size must be a positive int (entries), a positive float (a fraction of the entries "
+            f"replaced) or None (no compression), got {bank_size!r}"
+        )
+    if isinstance(bank_size, float):
+        return max(1, minimum, round(bank_size * total))
+    return bank_size
+
+
+def _spread(pool: Tensor, size: int) -> Tensor:
+    """``size`` rows of ``pool``: all of them in order, then fresh ones; or, when fewer, evenly spaced ones."""
+    total = pool.shape[0]
+    if size <= total:
+        return pool[torch.arange(size) * total // size]  # (size, ...), evenly spaced rows
+    extra = torch.empty(size - total, *pool.shape[1:], dtype=pool.dtype, device=pool.device)
+    extra.uniform_(-1.0, 1.0).mul_(pool.std() * math.sqrt(3.0) if total > 1 else 1.0)  # same spread as the pool
+    return torch.cat([pool, extra])  # (size, ...)
+
+
+class _BankedConv2d(nn.Module):
+    """A 2-D convolution (the ``nn.Conv2d`` arguments and attributes) whose ``weight`` is built by a subclass."""
+
+    def __init__(
+        self,
+        who: str,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: tuple[int, int],
+        stride: int | tuple[int, int],
+        padding: int | tuple[int, int] | str,
+        dilation: int | tuple[int, int],
+        groups: int,
+        bias: bool,
+        padding_mode: str,
+        mode: Mode,
+        factory: dict,
+    ) -> None:
+        super().__init__()
+        _check_mode(mode, who)
+        in_channels = _positive_int(in_channels, "in_channels", who)
+        out_channels = _positive_int(out_channels, "out_channels", who)
+        groups = _positive_int(groups, "groups", who)
+        if in_channels % groups or out_channels % groups:
+            raise ReuseError(
+                f"{who}: groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}"
+            )
+        if padding_mode not in ("zeros", "reflect", "replicate", "circular"):
+            raise ReuseError(f"{who}: padding_mode must be 'zeros', 'reflect', 'replicate' or 'circular'")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = kernel_size
+        self.stride = _pair(stride, "stride", who)
+        self.dilation = _pair(dilation, "dilation", who)
+        self.groups = groups
+        self.padding_mode = padding_mode
+        self.mode = mode
+        if isinstance(padding, str):
+            if padding not in ("same", "valid"):
+                raise ReuseError(f"{who}: padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
+            if padding == "same" and self.stride != (1, 1):
+                raise ReuseError(f"{who}: padding='same' needs stride 1, got stride={self.stride}")
+            self.padding: tuple[int, int] | str = padding
+        else:
+            self.padding = _pair(padding, "padding", who)
+        self._reversed_padding_repeated_twice = _reversed_padding(self.padding, kernel_size, self.dilation)
+        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(in_channels // groups * kernel_size[0] * kernel_size[1])
+            nn.init.uniform_(self.bias, -bound, bound)  # as nn.Conv2d
+
+    @property
+    def weight(self) -> Tensor:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.weight  # (O, C/g, kh, kw), drawn from the bank
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)  # (B, C, H', W')
+            return F.conv2d(x, weight, self.bias, self.stride, 0, self.dilation, self.groups)  # (B, O, Ho, Wo)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)  # (B, O, Ho, Wo)
+
+    def _conv_repr(self) -> str:
+        parts = [f"{self.in_channels}, {self.out_channels}"]
+        if self.stride != (1, 1):
+            parts.append(f"stride={self.stride}")
+        if self.padding != (0, 0):
+            parts.append(f"padding={self.padding!r}")
+        if self.dilation != (1, 1):
+            parts.append(f"dilation={self.dilation}")
+        if self.groups != 1:
+            parts.append(f"groups={self.groups}")
+        if self.bias is None:
+            parts.append("bias=False")
+        if self.padding_mode != "zeros":
+            parts.append(f"padding_mode={self.padding_mode!r}")
+        parts.append(f"mode={self.mode!r}")
+        return ", ".join(parts)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.bank!r}, {self._conv_repr()})"
+
+
+def _reversed_padding(
+    padding: tuple[int, int] | str, kernel_size: tuple[int, int], dilation: tuple[int, int]
+) -> tuple[int, int, int, int]:
+    """``F.pad`` amounts (left, right, top, bottom) equal to the conv's own padding, as ``nn.Conv2d`` keeps them."""
+    if padding == "valid":
+        return (0, 0, 0, 0)
+    if padding == "same":
+        total = [d * (k - 1) for d, k in zip(dilation, kernel_size)]  # (h, w)
+        return (total[1] // 2, total[1] - total[1] // 2, total[0] // 2, total[0] - total[0] // 2)
+    return (padding[1], padding[1], padding[0], padding[0])  # type: ignore[index]
+
+
+def _conv_kwargs(conv: nn.Conv2d) -> dict:
+    """The arguments of a banked conv that computes like ``conv``."""
+    return {
+        "stride": conv.stride,
+        "padding": conv.padding,
+        "dilation": conv.dilation,
+        "groups": conv.groups,
+        "bias": conv.bias is not None,
+        "padding_mode": conv.padding_mode,
+    }
+
+
+def _copy_bias(new: _BankedConv2d, conv: nn.Conv2d) -> None:
+    if conv.bias is not None and new.bias is not None:
+        with torch.no_grad():
+            new.bias.copy_(conv.bias)
+
+
+def _match_spread(layer: _BankedConv2d, conv: nn.Conv2d) -> None:
+    """Rescale a banked layer's scales (index) or coefficients (mix) so that its weight starts with the
+    standard deviation of ``conv``'s: a bank drawn from convs of other fan-ins holds kernels of other sizes."""
+    if conv.weight.numel() < 2:
+        return
+    with torch.no_grad():
+        want, have = conv.weight.std(), layer.weight.std()
+        if have > 0 and torch.isfinite(want / have):
+            (layer.scale if layer.mode == "index" else layer.coef).mul_(want / have)
+
+
+def _unsupported(conv: nn.Module) -> str | None:
+    """Why a module cannot be swapped for a banked conv, or None when it can."""
+    if not isinstance(conv, nn.Conv2d):
+        return f"it is a {type(conv).__name__}, not an nn.Conv2d"
+    forward = type(conv).forward is nn.Conv2d.forward and type(conv)._conv_forward is nn.Conv2d._conv_forward
+    if not forward:
+        return f"{type(conv).__name__} overrides nn.Conv2d's forward, which a banked conv would not reproduce"
+    if parametrize.is_parametrized(conv):
+        return "its weight is parametrized (torch.nn.utils.parametrize), which a banked conv would drop"
+    if conv.weight.is_meta:
+        return "its weight is on the meta device (no values to fill a bank with)"
+    return None
+
+
+def _reuse_convs(
+    module: nn.Module,
+    *,
+    who: str,
+    key: Callable[[nn.Conv2d], Hashable],
+    skip: Callable[[nn.Conv2d], str | None],
+    convert_group: Callable[[Sequence[nn.Conv2d], int, Mode, int], list[nn.Module]],
+    count: Callable[[nn.Conv2d], int],
+    minimum: Callable[[Sequence[nn.Conv2d], Mode], int],
+    bank_size: BankSize,
+    mode: Mode,
+    seed: int,
+    include: Include | None,
+    inplace: bool,
+) -> nn.Module:
+    """Swap one conv, or every compatible conv of a model, for banked convs; one bank per ``key`` group.
+
+    ``skip`` gives a reason to leave a conv of a model alone (it never stops a single conv handed in);
+    ``count`` is the number of entries (filters or kernels) a conv holds; ``minimum`` the smallest bank
+    that convs accept in a mode (a fractional ``bank_size`` is raised to it).
+    """
+    _check_mode(mode, who)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ReuseError(f"{who}: seed must be an int, got {seed!r}")
+    options = f"{who}(bank_size={bank_size!r}, mode={mode!r})"
+    if isinstance(module, nn.Conv2d):
+        reason = _unsupported(module)
+        if reason is not None:
+            raise ReuseError(f"{options}: cannot convert {type(module).__name__}: {reason}; convert a plain nn.Conv2d")
+        size = _resolve_bank_size(bank_size, count(module), minimum([module], mode), who)
+        try:
+            return convert_group([module], size, mode, seed)[0]
+        except ReuseError as err:
+            raise ReuseError(f"{options} on {module}: {err}") from None
+    if not isinstance(module, nn.Module):
+        raise ReuseError(f"{who}: expects an nn.Conv2d or a model (nn.Module), got {type(module).__name__}")
+
+    model = module if inplace else copy.deepcopy(module)
+    groups: dict[Hashable, list[tuple[str, nn.Conv2d]]] = {}
+    for name, conv in model.named_modules():  # a conv reached by several paths comes once, under its first name
+        if not isinstance(conv, nn.Conv2d):
+            continue
+        reason = _unsupported(conv) or skip(conv)
+        if reason is None and include is not None and not include(name, conv):
+            reason = "left out by include"
+        if reason is not None:
+            _log.info("%s: skipped %s: %s", who, name, reason)
+            continue
+        groups.setdefault(key(conv), []).append((name, conv))
+    if not groups:
+        warnings.warn(
+            f"{who}: found no convertible nn.Conv2d in {type(model).__name__}; returned it unchanged", stacklevel=3
+        )
+        return model
+
+    swap: dict[int, nn.Module] = {}
+    for members in groups.values():
+        convs = [conv for _, conv in members]
+        size = _resolve_bank_size(bank_size, sum(count(c) for c in convs), minimum(convs, mode), who)
+        try:
+            new = convert_group(convs, size, mode, seed)
+        except ReuseError as err:
+            names = ", ".join(name for name, _ in members)
+            raise ReuseError(f"{options} on {type(model).__name__} (convs {names}): {err}") from None
+        swap.update({id(conv): n for conv, n in zip(convs, new)})
+    # Replace every reference: a conv held by several parents (LayerReuse's uses) becomes one shared banked conv.
+    for parent in list(model.modules()):
+        for child_name, child in list(parent._modules.items()):
+            if child is not None and id(child) in swap:
+                setattr(parent, child_name, swap[id(child)])
+    return model
