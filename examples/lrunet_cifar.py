@@ -91,6 +91,7 @@ class Config:
     epochs: int = 300  # total epochs; the paper's schedule is 200 + 50 + 50
     batch_size: int = 256  # GLOBAL batch, split over processes and --grad-accum micro-batches
     grad_accum: int = 1  # micro-batches per step in each process (same update, less memory)
+    sync_bn: bool = False  # SyncBatchNorm across processes (CUDA DDP): statistics of the global batch
     lr: float = 0.1  # initial (paper, cosine) or peak (onecycle) learning rate
     momentum: float = 0.9
     weight_decay: float = 5e-4  # on all parameters, BatchNorm included, as the authors did
@@ -118,7 +119,6 @@ def _parser(suppress: bool = False) -> argparse.ArgumentParser:
         prog="lrunet_cifar.py",
         description="Train N-LruNet-wx with the paper's recipe (Köpüklü et al., ICIP 2019).",
         argument_default=argparse.SUPPRESS if suppress else None,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
 
     def add(*flags: str, **kw: Any) -> None:
@@ -126,29 +126,68 @@ def _parser(suppress: bool = False) -> argparse.ArgumentParser:
             kw.pop("default", None)
         p.add_argument(*flags, **kw)
 
-    add("--dataset", choices=sorted(DATASETS), default=d.dataset)
-    add("--data-dir", default=d.data_dir, help="folder with train.npz and test.npz, or a torchvision root")
-    add("--no-download", dest="download", action="store_false", default=True, help="never download")
-    add("--reuse", type=int, default=d.reuse, help="N, the number of uses of each LRU block")
+    add("--dataset", choices=sorted(DATASETS), default=d.dataset, help="default: %(default)s")
+    add(
+        "--data-dir",
+        default=d.data_dir,
+        help="folder with train.npz and test.npz, or a torchvision root (default: ./data, downloading)",
+    )
+    add("--no-download", dest="download", action="store_false", default=True, help="never download the data")
+    add("--reuse", type=int, default=d.reuse, help="N, the uses of each LRU block (default: %(default)s)")
     add("--width", type=float, default=d.width, help="width multiplier (default: 1, or 2 for cifar100)")
-    add("--level", choices=("layer", "filter", "kernel"), default=d.level, help="grain of reuse (LruNet's level=)")
+    add(
+        "--level",
+        choices=("layer", "filter", "kernel"),
+        default=d.level,
+        help="grain of reuse, passed to LruNet(level=...) when it takes one (default: LruNet's)",
+    )
     add("--drop-rate", type=float, default=d.drop_rate, help="dropout (default: 0.5, or 0.7 for cifar100)")
-    add("--epochs", type=int, default=d.epochs)
-    add("--batch-size", type=int, default=d.batch_size, help="global batch size, over all processes")
-    add("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per step in each process")
-    add("--lr", type=float, default=d.lr)
-    add("--momentum", type=float, default=d.momentum)
-    add("--weight-decay", type=float, default=d.weight_decay)
-    add("--schedule", choices=("paper", "cosine", "onecycle"), default=d.schedule)
-    add("--no-augment", dest="augment", action="store_false", default=True, help="train without augmentation")
-    add("--device", choices=("auto", "cpu", "cuda"), default=d.device)
+    add("--epochs", type=int, default=d.epochs, help="default: %(default)s (the paper's 200 + 50 + 50)")
+    add("--batch-size", type=int, default=d.batch_size, help="global batch, over all processes (default: %(default)s)")
+    add(
+        "--grad-accum",
+        type=int,
+        default=d.grad_accum,
+        help="micro-batches per step in each process: the same update with less memory (default: %(default)s)",
+    )
+    add("--sync-bn", action="store_true", default=False, help="SyncBatchNorm over processes (torchrun on CUDA)")
+    add("--lr", type=float, default=d.lr, help="initial or peak learning rate (default: %(default)s)")
+    add("--momentum", type=float, default=d.momentum, help="default: %(default)s")
+    add("--weight-decay", type=float, default=d.weight_decay, help="on all parameters (default: %(default)s)")
+    add(
+        "--schedule",
+        choices=("paper", "cosine", "onecycle"),
+        default=d.schedule,
+        help="paper: lr, lr/10, lr/100 for 2/3, 1/6, 1/6 of the epochs; cosine and onecycle for short runs "
+        "(default: %(default)s)",
+    )
+    add(
+        "--no-augment",
+        dest="augment",
+        action="store_false",
+        default=True,
+        help="no crop, rotation or flip (default: the paper's augmentation)",
+    )
+    add("--device", choices=("auto", "cpu", "cuda"), default=d.device, help="default: %(default)s")
     add("--compile", action="store_true", default=False, help="torch.compile the model")
-    add("--seed", type=int, default=d.seed)
+    add("--seed", type=int, default=d.seed, help="default: %(default)s")
     add("--out", default=d.out, help="run directory (default: runs/<dataset>-<N>-lrunet-<w>x-<time>)")
     add("--resume", action="store_true", default=False, help="continue the run in --out from its last.pt")
-    add("--subset", type=int, default=d.subset, help="train on K images (a fixed, class-mixed selection)")
-    add("--test-subset", type=int, default=d.test_subset, help="evaluate on K test images (fixed selection)")
-    add("--eval-every", type=int, default=d.eval_every, help="evaluate every K epochs (and after the last)")
+    add(
+        "--subset",
+        type=int,
+        default=d.subset,
+        metavar="K",
+        help="train on K images, the first K of a fixed shuffle (every class, the same for every --seed)",
+    )
+    add("--test-subset", type=int, default=d.test_subset, metavar="K", help="evaluate on K test images, likewise")
+    add(
+        "--eval-every",
+        type=int,
+        default=d.eval_every,
+        metavar="K",
+        help="evaluate every K epochs and after the last (default: %(default)s)",
+    )
     add("--no-progress", dest="progress", action="store_false", default=True, help="no progress bar")
     return p
 
@@ -658,7 +697,7 @@ def _prepare_run(cfg: Config, given: set[str], dd: Dist) -> tuple[Config, Path, 
         out = Path(cfg.out)
         if not (out / "last.pt").is_file():
             raise ReuseError(f"--resume: {out / 'last.pt'} does not exist; start the run without --resume")
-        ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+        ckpt = torch.load(out / "last.pt", map_location="cpu")
         saved = Config(**ckpt["config"])
         clash = [
             f"--{k.replace('_', '-')} {getattr(cfg, k)} (the run has {getattr(saved, k)})"
@@ -726,6 +765,15 @@ def _run(cfg: Config, given: set[str], dd: Dist, wall0: float) -> dict[str, Any]
 
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
     model = build_model(cfg, in_chans=shape[0]).to(device)
+    if cfg.sync_bn and dd.world > 1:
+        if not cuda:
+            raise ReuseError(
+                "--sync-bn needs CUDA: PyTorch's SyncBatchNorm has no CPU implementation; drop --sync-bn "
+                "(each process then normalises with the statistics of its share of the batch)"
+            )
+        # Replaces every BatchNorm, the per-use copies inside the reused blocks included; shared convolutions
+        # stay shared (the conversion keeps modules without BatchNorm as they are).
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     params = sum(p.numel() for p in model.parameters())  # shared weights count once
     mflops = count_mflops(model, shape, device)
     model = model.to(memory_format=torch.channels_last)

@@ -64,7 +64,7 @@ def _one_thread():
 
 
 def _weights(run: Path, name: str = "last.pt") -> dict[str, torch.Tensor]:
-    return torch.load(run / name, map_location="cpu", weights_only=False)["model"]
+    return torch.load(run / name, map_location="cpu")["model"]
 
 
 # --------------------------------------------------------------------------------------------------- end to end
@@ -99,7 +99,7 @@ def test_end_to_end_on_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert history[-1]["test_acc"] == final["last_acc"] and max(h["test_acc"] for h in history) == final["best_acc"]
     assert all(np.isfinite(h["train_loss"]) and h["img_per_s"] > 0 for h in history)
     model.load_state_dict(_weights(run))  # strict: the checkpoint is a plain LruNet state dict
-    best = torch.load(run / "best.pt", map_location="cpu", weights_only=False)
+    best = torch.load(run / "best.pt", map_location="cpu")
     assert best["test_acc"] == final["best_acc"]
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(run.glob(".*tmp"))
@@ -172,8 +172,8 @@ def test_resume_gives_the_same_weights(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setattr(lc, "save_checkpoint", real_save)
     lc.main(["--out", str(tmp_path / "stopped"), "--resume", "--no-progress"])  # config comes from the run
 
-    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
-    b = torch.load(tmp_path / "stopped" / "last.pt", weights_only=False)
+    a = torch.load(tmp_path / "straight" / "last.pt")
+    b = torch.load(tmp_path / "stopped" / "last.pt")
     assert a["epoch"] == b["epoch"] == 3
     assert a["model"].keys() == b["model"].keys()
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
@@ -215,7 +215,7 @@ def test_failed_save_leaves_the_old_checkpoint(tmp_path: Path, monkeypatch: pyte
     with pytest.raises(OSError, match="No space"):
         lc.save_checkpoint({"epoch": 2, "w": torch.zeros(10)}, path)
     monkeypatch.undo()
-    old = torch.load(path, weights_only=False)
+    old = torch.load(path)
     assert old["epoch"] == 1 and torch.equal(old["w"], torch.arange(10))
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
 
@@ -240,7 +240,7 @@ def test_sigkill_during_saves_never_corrupts(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    ckpt = torch.load(path, weights_only=False)
+    ckpt = torch.load(path)
     assert torch.all(ckpt["w"] == float(ckpt["i"]))
 
 
@@ -293,11 +293,18 @@ def test_ddp_on_gloo_matches_one_process(tmp_path: Path) -> None:
 
 @st.composite
 def _batches(draw: st.DrawFn) -> tuple[torch.Tensor, object]:
-    b, h, w, c = draw(st.integers(1, 4)), draw(st.integers(1, 9)), draw(st.integers(1, 9)), draw(st.sampled_from([1, 3]))
+    b, h, w, c = (
+        draw(st.integers(1, 4)),
+        draw(st.integers(1, 9)),
+        draw(st.integers(1, 9)),
+        draw(st.sampled_from([1, 3])),
+    )
     x = torch.from_numpy(np.random.default_rng(draw(st.integers(0, 99))).integers(0, 256, (b, h, w, c), dtype=np.uint8))
     offsets = st.lists(st.integers(0, 8), min_size=b, max_size=b)
     flips = st.lists(st.booleans(), min_size=b, max_size=b)
-    p = lc.AugParams(torch.tensor(draw(offsets)), torch.tensor(draw(offsets)), torch.zeros(b), torch.tensor(draw(flips)))
+    p = lc.AugParams(
+        torch.tensor(draw(offsets)), torch.tensor(draw(offsets)), torch.zeros(b), torch.tensor(draw(flips))
+    )
     return x, p
 
 
@@ -318,7 +325,9 @@ def test_rotation_turns_about_the_centre() -> None:
     x = torch.randint(0, 256, (1, 6, 6, 2), dtype=torch.uint8)
     ref = x[0].permute(2, 0, 1).float() / 255  # (C, H, W)
     centre = dict(dx=torch.tensor([4]), dy=torch.tensor([4]), flip=torch.tensor([False]))
-    assert torch.equal(lc.augment(x, lc.AugParams(angle=torch.tensor([90.0]), **centre))[0], torch.rot90(ref, 1, (1, 2)))
+    assert torch.equal(
+        lc.augment(x, lc.AugParams(angle=torch.tensor([90.0]), **centre))[0], torch.rot90(ref, 1, (1, 2))
+    )
     wide = torch.randint(0, 256, (1, 4, 8, 1), dtype=torch.uint8)
     turned = lc.augment(wide, lc.AugParams(angle=torch.tensor([180.0]), **centre))[0]
     assert torch.equal(turned, (wide[0].permute(2, 0, 1).float() / 255).flip(1, 2))
@@ -426,3 +435,21 @@ def test_malformed_npz_is_named(tmp_path: Path, files: dict, match: str) -> None
     with pytest.raises(reuse.ReuseError, match=match) as err:
         lc.load_data(cfg)
     assert str(tmp_path) in str(err.value)
+
+
+def test_sync_bn_keeps_the_reuse_structure() -> None:
+    """--sync-bn converts every BatchNorm, per-use copies included, and leaves the shared convolutions shared
+    (checked in eval mode: SyncBatchNorm only synchronises in training, which needs CUDA)."""
+    model = LruNet(10, width_mult=0.25, reuse=3).eval()
+    x = torch.randn(2, 3, 32, 32)  # (B, C, H, W)
+    expected, shared = model(x), model.stage2.shared_names()
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model).eval()
+    assert torch.equal(synced(x), expected)
+    assert synced.stage2.shared_names() == shared and synced.stage2.uses[2].dw is synced.stage2.uses[0].dw
+    assert isinstance(synced.stage2.uses[2].dw_bn, torch.nn.SyncBatchNorm)
+
+
+def test_sync_bn_on_cpu_processes_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lc, "setup_distributed", lambda kind: lc.Dist(rank=0, world=2, local_rank=0))
+    with pytest.raises(reuse.ReuseError, match="--sync-bn needs CUDA"):
+        lc.main([*TINY, "--sync-bn", "--device", "cpu", "--out", str(tmp_path / "r")])
