@@ -12,9 +12,9 @@ horizontal flip, inputs in [0, 1] (the authors did not normalise them).
 
 Examples::
 
-    # a real run in about two minutes on a laptop CPU, on the Fashion-MNIST subset shipped with the repository
+    # a real run in a few minutes on a CPU, on the Fashion-MNIST subset shipped with the repository
     python examples/lrunet_cifar.py --dataset fashion-mnist --data-dir examples/data/fashion_mnist_subset \\
-        --reuse 4 --width 0.5 --epochs 6 --batch-size 64 --schedule onecycle
+        --reuse 4 --width 0.5 --epochs 8 --batch-size 64 --schedule onecycle
 
     # the paper's 14-LruNet-1x on CIFAR-10 (torchvision downloads the data into ./data)
     python examples/lrunet_cifar.py --dataset cifar10 --reuse 14
@@ -24,9 +24,10 @@ Examples::
     torchrun --nproc_per_node=4 examples/lrunet_cifar.py --out runs/c10-14 --resume
 
 Data live on the device as one uint8 tensor and are augmented there, a batch at a time (the fast CIFAR trainers'
-way); the CPU runs the very same code. On CUDA the script adds bf16 autocast, channels_last, cudnn.benchmark and,
-with ``--compile``, ``torch.compile``. Under ``torchrun`` it trains data-parallel with DDP: each process takes
-an equal, strided share of every global batch, as ``DistributedSampler`` would.
+way); the CPU runs the very same code. Model and batches are channels_last. On CUDA the script adds bf16
+autocast, cudnn.benchmark and, with ``--compile``, ``torch.compile``. Under ``torchrun`` it trains data-parallel
+with DDP: each process takes an equal, strided share of every global batch, as ``DistributedSampler`` would.
+See docs/training.md.
 """
 
 from __future__ import annotations
@@ -572,7 +573,7 @@ def _all_reduce(values: list[float], dd: Dist, device: torch.device) -> list[flo
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: Tensor, y: Tensor, ctx: Any, dd: Dist, channels_last: bool) -> tuple[float, float]:
+def evaluate(model: nn.Module, x: Tensor, y: Tensor, ctx: Any, dd: Dist) -> tuple[float, float]:
     """Mean loss and accuracy on ``(x, y)``, each process taking a strided share, summed over processes."""
     model.eval()
     x, y = x[dd.rank :: dd.world], y[dd.rank :: dd.world]
@@ -581,8 +582,6 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, ctx: Any, dd: Dist, channel
     correct = torch.zeros((), device=y.device, dtype=torch.int64)
     for i in range(0, len(y), batch):
         xb = to_float(x[i : i + batch])  # (b, C, H, W), channels_last memory
-        if not channels_last:
-            xb = xb.contiguous()
         with ctx:
             logits = model(xb).float()  # (b, classes)
         loss_sum += F.cross_entropy(logits, y[i : i + batch], reduction="sum")
@@ -611,7 +610,6 @@ def train_epoch(
     epoch: int,
     dd: Dist,
     ctx: Any,
-    channels_last: bool,
 ) -> dict[str, float]:
     """One epoch. Every step takes a global batch of ``cfg.batch_size`` images of a shuffle that depends only on
     (seed, epoch); process ``r`` of ``W`` with ``A`` micro-batches takes the images at positions
@@ -637,7 +635,7 @@ def train_epoch(
             part = slice(dd.rank + dd.world * a, None, parts)
             idx = order[batch][part]  # (B / parts,)
             xb = augment(x_all[idx], aug[batch][part]) if aug is not None else to_float(x_all[idx])  # (b, C, H, W)
-            xb = xb.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            xb = xb.contiguous(memory_format=torch.channels_last)  # a no-op unless grid_sample changed it
             yb = y_all[idx]  # (b,)
             ddp = getattr(model, "_orig_mod", model)  # under torch.compile, the DDP module inside
             sync = a == cfg.grad_accum - 1 or not isinstance(ddp, nn.parallel.DistributedDataParallel)
@@ -760,7 +758,6 @@ def _run(cfg: Config, given: set[str], dd: Dist, wall0: float) -> dict[str, Any]
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    channels_last = True  # faster on CUDA, and on CPU for LruNet's grouped convolutions (measured)
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
 
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
@@ -776,7 +773,7 @@ def _run(cfg: Config, given: set[str], dd: Dist, wall0: float) -> dict[str, Any]
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     params = sum(p.numel() for p in model.parameters())  # shared weights count once
     mflops = count_mflops(model, shape, device)
-    model = model.to(memory_format=torch.channels_last)
+    model = model.to(memory_format=torch.channels_last)  # faster on CUDA, and on CPU for LruNet (measured)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(data.train_y) / cfg.batch_size)
     sched = make_scheduler(opt, cfg, steps_per_epoch)
@@ -809,13 +806,13 @@ def _run(cfg: Config, given: set[str], dd: Dist, wall0: float) -> dict[str, Any]
     )
 
     for epoch in range(start_epoch, cfg.epochs):
-        stats = train_epoch(train_model, opt, sched, data, cfg, epoch, dd, ctx, channels_last)
+        stats = train_epoch(train_model, opt, sched, data, cfg, epoch, dd, ctx)
         test_loss = test_acc = None
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
             if dd.world > 1:  # BatchNorm statistics of process 0 for everyone, as DDP's buffer broadcast does
                 for b in model.buffers():
                     dist.broadcast(b, src=0)
-            test_loss, test_acc = evaluate(model, data.test_x, data.test_y, ctx, dd, channels_last)
+            test_loss, test_acc = evaluate(model, data.test_x, data.test_y, ctx, dd)
         prev_time = history[-1]["time_s"] if history else 0.0
         record = {
             "epoch": epoch + 1,
