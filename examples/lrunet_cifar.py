@@ -1,0 +1,884 @@
+#!/usr/bin/env python
+"""Train LruNet with the recipe of Köpüklü et al., "Convolutional Neural Networks with Layer Reuse" (ICIP 2019).
+
+One file, read it top to bottom: configuration, data, on-device augmentation, model, schedule, checkpoints,
+the training loop, ``main()``. ``main(argv)`` returns the final metrics, which the script also prints as its
+last line, in JSON.
+
+The paper's recipe is the default: SGD with momentum 0.9, weight decay 5e-4 on all parameters, batch 256,
+learning rate 0.1 for 200 epochs then 0.01 and 0.001 for 50 epochs each, cross-entropy, dropout 0.5 (0.7 for
+CIFAR-100), width 1x (2x for CIFAR-100), random crop with padding 4, random rotation of up to 10 degrees,
+horizontal flip, inputs in [0, 1] (the authors did not normalise them).
+
+Examples::
+
+    # a real run in a few minutes on a CPU, on the Fashion-MNIST subset shipped with the repository
+    python examples/lrunet_cifar.py --dataset fashion-mnist --data-dir examples/data/fashion_mnist_subset \\
+        --reuse 4 --width 0.5 --epochs 8 --batch-size 64 --schedule onecycle
+
+    # the paper's 14-LruNet-1x on CIFAR-10 (torchvision downloads the data into ./data)
+    python examples/lrunet_cifar.py --dataset cifar10 --reuse 14
+
+    # the same on 4 GPUs (the batch size is global: 256 split as 4 x 64), then continue it after a stop
+    torchrun --nproc_per_node=4 examples/lrunet_cifar.py --dataset cifar10 --reuse 14 --out runs/c10-14
+    torchrun --nproc_per_node=4 examples/lrunet_cifar.py --out runs/c10-14 --resume
+
+Data live on the device as one uint8 tensor and are augmented there, a batch at a time (the fast CIFAR trainers'
+way); the CPU runs the very same code. Model and batches are channels_last. On CUDA the script adds bf16
+autocast, cudnn.benchmark and, with ``--compile``, ``torch.compile``. Under ``torchrun`` it trains data-parallel
+with DDP: each process takes an equal, strided share of every global batch, as ``DistributedSampler`` would.
+See docs/training.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import inspect
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+try:
+    import reuse  # noqa: F401
+except ImportError:  # run from a checkout without `pip install -e .`: use the checkout's package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from reuse import ReuseError
+from reuse.models import LruNet
+
+# ----------------------------------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    num_classes: int
+    channels: int  # image channels the dataset has
+    size: int  # image height and width
+    torchvision_name: str  # class in torchvision.datasets
+    drop_rate: float  # the paper's dropout for this dataset
+    width: float  # the paper's width multiplier for this dataset
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "cifar10": DatasetInfo(10, 3, 32, "CIFAR10", drop_rate=0.5, width=1.0),
+    "cifar100": DatasetInfo(100, 3, 32, "CIFAR100", drop_rate=0.7, width=2.0),
+    "fashion-mnist": DatasetInfo(10, 1, 28, "FashionMNIST", drop_rate=0.5, width=1.0),
+}
+PAPER_EPOCHS = (200, 50, 50)  # epochs at lr, lr/10, lr/100 in the paper's schedule
+
+
+@dataclass
+class Config:
+    dataset: str = "cifar10"  # cifar10 | cifar100 | fashion-mnist
+    data_dir: str | None = None  # train.npz/test.npz folder, or torchvision root; None: ./data, downloading
+    download: bool = True  # let torchvision download a missing dataset
+    reuse: int = 8  # N, the uses of each LRU block
+    width: float | None = None  # width multiplier; None: the paper's (1x, 2x for CIFAR-100)
+    level: str | None = None  # layer | filter | kernel, passed to LruNet when it takes `level`
+    drop_rate: float | None = None  # dropout before the classifier; None: the paper's (0.5, 0.7 for CIFAR-100)
+    epochs: int = 300  # total epochs; the paper's schedule is 200 + 50 + 50
+    batch_size: int = 256  # GLOBAL batch, split over processes and --grad-accum micro-batches
+    grad_accum: int = 1  # micro-batches per step in each process (same update, less memory)
+    sync_bn: bool = False  # SyncBatchNorm across processes (CUDA DDP): statistics of the global batch
+    lr: float = 0.1  # initial (paper, cosine) or peak (onecycle) learning rate
+    momentum: float = 0.9
+    weight_decay: float = 5e-4  # on all parameters, BatchNorm included, as the authors did
+    schedule: str = "paper"  # paper | cosine | onecycle
+    augment: bool = True  # random crop (padding 4), rotation (10 degrees), horizontal flip
+    device: str = "auto"  # auto | cpu | cuda
+    compile: bool = False  # torch.compile the model
+    seed: int = 0
+    out: str | None = None  # run directory; None: runs/<dataset>-<N>-lrunet-<w>x-<time>
+    resume: bool = False  # continue the run in --out from its last.pt
+    subset: int | None = None  # train on the first K images of a fixed shuffle of the training set
+    test_subset: int | None = None  # evaluate on the first K images of a fixed shuffle of the test set
+    eval_every: int = 1  # evaluate every K epochs (and after the last)
+    progress: bool = True  # tqdm progress bar on the first process
+
+
+# Options a resumed run may change; every other one must match the run being resumed.
+RUNTIME_OPTIONS = {"data_dir", "download", "device", "compile", "out", "resume", "eval_every", "progress"}
+
+
+def _parser(suppress: bool = False) -> argparse.ArgumentParser:
+    """The command line; with ``suppress`` every default is left out, to learn which flags were given."""
+    d = Config()
+    p = argparse.ArgumentParser(
+        prog="lrunet_cifar.py",
+        description="Train N-LruNet-wx with the paper's recipe (Köpüklü et al., ICIP 2019).",
+        argument_default=argparse.SUPPRESS if suppress else None,
+    )
+
+    def add(*flags: str, **kw: Any) -> None:
+        if suppress:
+            kw.pop("default", None)
+        p.add_argument(*flags, **kw)
+
+    add("--dataset", choices=sorted(DATASETS), default=d.dataset, help="default: %(default)s")
+    add(
+        "--data-dir",
+        default=d.data_dir,
+        help="folder with train.npz and test.npz, or a torchvision root (default: ./data, downloading)",
+    )
+    add("--no-download", dest="download", action="store_false", default=True, help="never download the data")
+    add("--reuse", type=int, default=d.reuse, help="N, the uses of each LRU block (default: %(default)s)")
+    add("--width", type=float, default=d.width, help="width multiplier (default: 1, or 2 for cifar100)")
+    add(
+        "--level",
+        choices=("layer", "filter", "kernel"),
+        default=d.level,
+        help="grain of reuse, passed to LruNet(level=...) when it takes one (default: LruNet's)",
+    )
+    add("--drop-rate", type=float, default=d.drop_rate, help="dropout (default: 0.5, or 0.7 for cifar100)")
+    add("--epochs", type=int, default=d.epochs, help="default: %(default)s (the paper's 200 + 50 + 50)")
+    add("--batch-size", type=int, default=d.batch_size, help="global batch, over all processes (default: %(default)s)")
+    add(
+        "--grad-accum",
+        type=int,
+        default=d.grad_accum,
+        help="micro-batches per step in each process: the same update with less memory (default: %(default)s)",
+    )
+    add("--sync-bn", action="store_true", default=False, help="SyncBatchNorm over processes (torchrun on CUDA)")
+    add("--lr", type=float, default=d.lr, help="initial or peak learning rate (default: %(default)s)")
+    add("--momentum", type=float, default=d.momentum, help="default: %(default)s")
+    add("--weight-decay", type=float, default=d.weight_decay, help="on all parameters (default: %(default)s)")
+    add(
+        "--schedule",
+        choices=("paper", "cosine", "onecycle"),
+        default=d.schedule,
+        help="paper: lr, lr/10, lr/100 for 2/3, 1/6, 1/6 of the epochs; cosine and onecycle for short runs "
+        "(default: %(default)s)",
+    )
+    add(
+        "--no-augment",
+        dest="augment",
+        action="store_false",
+        default=True,
+        help="no crop, rotation or flip (default: the paper's augmentation)",
+    )
+    add("--device", choices=("auto", "cpu", "cuda"), default=d.device, help="default: %(default)s")
+    add("--compile", action="store_true", default=False, help="torch.compile the model")
+    add("--seed", type=int, default=d.seed, help="default: %(default)s")
+    add("--out", default=d.out, help="run directory (default: runs/<dataset>-<N>-lrunet-<w>x-<time>)")
+    add("--resume", action="store_true", default=False, help="continue the run in --out from its last.pt")
+    add(
+        "--subset",
+        type=int,
+        default=d.subset,
+        metavar="K",
+        help="train on K images, the first K of a fixed shuffle (every class, the same for every --seed)",
+    )
+    add("--test-subset", type=int, default=d.test_subset, metavar="K", help="evaluate on K test images, likewise")
+    add(
+        "--eval-every",
+        type=int,
+        default=d.eval_every,
+        metavar="K",
+        help="evaluate every K epochs and after the last (default: %(default)s)",
+    )
+    add("--no-progress", dest="progress", action="store_false", default=True, help="no progress bar")
+    return p
+
+
+def parse_config(argv: Sequence[str] | None) -> tuple[Config, set[str]]:
+    """The configuration, and the names of the options given on the command line."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg = Config(**vars(_parser().parse_args(argv)))
+    given = set(vars(_parser(suppress=True).parse_args(argv)))
+    for name, low in (("reuse", 1), ("epochs", 1), ("batch_size", 1), ("grad_accum", 1), ("eval_every", 1)):
+        if getattr(cfg, name) < low:
+            raise ReuseError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(cfg, name)}")
+    for name in ("subset", "test_subset"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            raise ReuseError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    return cfg, given
+
+
+def resolve_defaults(cfg: Config) -> Config:
+    """Fill the dataset-dependent defaults (width, dropout) from the paper."""
+    info = DATASETS[cfg.dataset]
+    width = info.width if cfg.width is None else cfg.width
+    drop = info.drop_rate if cfg.drop_rate is None else cfg.drop_rate
+    return Config(**{**asdict(cfg), "width": width, "drop_rate": drop})
+
+
+def model_name(cfg: Config) -> str:
+    """The paper's name of the model, e.g. ``8-LruNet-1x``."""
+    return f"{cfg.reuse}-LruNet-{cfg.width:g}x"
+
+
+# -------------------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class Data:
+    train_x: Tensor  # (N, H, W, C) uint8
+    train_y: Tensor  # (N,) int64
+    test_x: Tensor  # (M, H, W, C) uint8
+    test_y: Tensor  # (M,) int64
+    source: str  # where the arrays came from, for the log
+
+
+def _missing_data_message(dataset: str, root: Path, reason: str) -> str:
+    info = DATASETS[dataset]
+    return (
+        f"no {dataset} data: {reason}. "
+        f"Either let torchvision download it (needs the network; it goes into {root}), "
+        f"or put a local copy in a folder and pass --data-dir FOLDER, where FOLDER holds torchvision's "
+        f"{info.torchvision_name} files or train.npz and test.npz (arrays `images`: uint8, N x H x W x C or "
+        f"N x H x W; `labels`: int64). A small Fashion-MNIST subset ships with the repository: "
+        f"--dataset fashion-mnist --data-dir examples/data/fashion_mnist_subset"
+    )
+
+
+def _as_nhwc(images: np.ndarray, path: Path, dataset: str) -> np.ndarray:
+    info = DATASETS[dataset]
+    if images.dtype != np.uint8:
+        raise ReuseError(f"{path}: `images` must be uint8 (0..255), got {images.dtype}; convert with .astype(np.uint8)")
+    if images.ndim == 3:
+        images = images[..., None]  # (N, H, W, 1)
+    if images.ndim != 4:
+        raise ReuseError(f"{path}: `images` must be N x H x W x C or N x H x W, got shape {images.shape}")
+    if images.shape[-1] != info.channels:
+        raise ReuseError(
+            f"{path}: `images` have {images.shape[-1]} channels (shape {images.shape}), {dataset} has "
+            f"{info.channels}; is --dataset right? (channels must be the last axis)"
+        )
+    return images
+
+
+def _load_npz(folder: Path, dataset: str) -> Data:
+    arrays = []
+    for split in ("train", "test"):
+        path = folder / f"{split}.npz"
+        if not path.is_file():
+            raise ReuseError(_missing_data_message(dataset, folder, f"{folder} holds no {split}.npz"))
+        with np.load(path) as npz:
+            missing = {"images", "labels"} - set(npz.files)
+            if missing:
+                raise ReuseError(f"{path}: needs arrays `images` and `labels`, lacks {sorted(missing)}")
+            images, labels = _as_nhwc(npz["images"], path, dataset), npz["labels"]
+        if labels.shape != (len(images),) or labels.dtype.kind not in "iu":
+            raise ReuseError(
+                f"{path}: `labels` must be integers of shape ({len(images)},), got {labels.dtype} {labels.shape}"
+            )
+        arrays += [torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels.astype(np.int64))]
+    return Data(*arrays, source=f"{folder}/{{train,test}}.npz")
+
+
+def _load_torchvision(root: Path, dataset: str, download: bool) -> Data:
+    import torchvision
+
+    cls = getattr(torchvision.datasets, DATASETS[dataset].torchvision_name)
+    splits = []
+    for train in (True, False):
+        try:
+            ds = cls(str(root), train=train, download=False)
+        except RuntimeError:  # torchvision: "Dataset not found or corrupted"
+            if not download:
+                raise ReuseError(
+                    _missing_data_message(
+                        dataset,
+                        root,
+                        f"{root} holds neither train.npz/test.npz nor its files, and --no-download is set",
+                    )
+                ) from None
+            try:
+                ds = cls(str(root), train=train, download=True)
+            except Exception as err:  # no network, proxy, disk full: say what happened and where to put the data
+                reason = f"{root} holds no copy and the download failed ({type(err).__name__}: {err})"
+                raise ReuseError(_missing_data_message(dataset, root, reason)) from None
+        images = np.asarray(ds.data)  # CIFAR: (N, 32, 32, 3) numpy; Fashion-MNIST: (N, 28, 28) tensor
+        splits += [torch.from_numpy(_as_nhwc(images, root, dataset)), torch.as_tensor(ds.targets, dtype=torch.int64)]
+    return Data(*splits, source=f"torchvision.datasets.{cls.__name__}({root})")
+
+
+def _fixed_selection(n: int, k: int | None) -> Tensor | None:
+    """The first ``k`` of a shuffle of ``range(n)`` that never changes (seed 0): every class appears even in
+    class-major files, and runs with different ``--seed`` see the same images."""
+    if k is None or k >= n:
+        return None
+    return torch.randperm(n, generator=torch.Generator().manual_seed(0))[:k].sort().values
+
+
+def load_data(cfg: Config) -> Data:
+    """Load the dataset of ``cfg`` as uint8 NHWC tensors on the CPU, validate it, apply the subsets."""
+    if cfg.data_dir is not None:
+        folder = Path(cfg.data_dir).expanduser()
+        if (folder / "train.npz").is_file() or (folder / "test.npz").is_file():
+            data = _load_npz(folder, cfg.dataset)
+        else:
+            data = _load_torchvision(folder, cfg.dataset, cfg.download)
+    else:
+        data = _load_torchvision(Path("data"), cfg.dataset, cfg.download)
+    num_classes = DATASETS[cfg.dataset].num_classes
+    for name, labels in (("train", data.train_y), ("test", data.test_y)):
+        if len(labels) == 0:
+            raise ReuseError(f"{data.source}: the {name} split is empty")
+        if labels.min() < 0 or labels.max() >= num_classes:
+            raise ReuseError(
+                f"{data.source}: {name} labels span {int(labels.min())}..{int(labels.max())}, "
+                f"{cfg.dataset} has classes 0..{num_classes - 1}; is --dataset right?"
+            )
+    if data.train_x.shape[1:] != data.test_x.shape[1:]:
+        raise ReuseError(
+            f"{data.source}: train images {tuple(data.train_x.shape[1:])} and test images "
+            f"{tuple(data.test_x.shape[1:])} differ in shape"
+        )
+    if (sel := _fixed_selection(len(data.train_y), cfg.subset)) is not None:
+        data.train_x, data.train_y = data.train_x[sel], data.train_y[sel]
+    if (sel := _fixed_selection(len(data.test_y), cfg.test_subset)) is not None:
+        data.test_x, data.test_y = data.test_x[sel], data.test_y[sel]
+    return data
+
+
+# ------------------------------------------------------------------------------------------ on-device augmentation
+
+
+@dataclass
+class AugParams:
+    """Random draws for a batch of images; index it like a tensor to select images."""
+
+    dx: Tensor  # (B,) int64, crop offset along the width, 0..2*pad
+    dy: Tensor  # (B,) int64, crop offset along the height
+    angle: Tensor  # (B,) float32, rotation in degrees
+    flip: Tensor  # (B,) bool, mirror left-right
+
+    def __getitem__(self, index: Any) -> AugParams:
+        return AugParams(self.dx[index], self.dy[index], self.angle[index], self.flip[index])
+
+    def to(self, device: torch.device) -> AugParams:
+        return AugParams(*(t.to(device, non_blocking=True) for t in (self.dx, self.dy, self.angle, self.flip)))
+
+
+def draw_aug_params(n: int, gen: torch.Generator, pad: int = 4, degrees: float = 10.0) -> AugParams:
+    """Draw crop offsets, angles and flips for ``n`` images from ``gen`` (a CPU generator: the same draws on
+    every device and in every process)."""
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)  # (n,)
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)  # (n,)
+    angle = (torch.rand(n, generator=gen) * 2 - 1) * degrees  # (n,), uniform in [-degrees, degrees]
+    flip = torch.rand(n, generator=gen) < 0.5  # (n,)
+    return AugParams(dx, dy, angle, flip)
+
+
+def to_float(x: Tensor) -> Tensor:
+    """uint8 NHWC images to float NCHW in [0, 1]; the result is a channels_last view of the NHWC memory.
+
+    Example:
+        >>> to_float(torch.full((2, 4, 4, 3), 255, dtype=torch.uint8)).shape
+        torch.Size([2, 3, 4, 4])
+    """
+    return x.permute(0, 3, 1, 2).float().div_(255)  # (B, C, H, W)
+
+
+def augment(x: Tensor, p: AugParams, pad: int = 4) -> Tensor:
+    """The paper's augmentation on a batch, on whatever device ``x`` is: random crop with zero padding ``pad``,
+    then rotation about the centre (nearest pixel, zero fill, as torchvision's ``RandomRotation``), then a
+    horizontal flip. Takes uint8 ``(B, H, W, C)``, returns float ``(B, C, H, W)`` in [0, 1].
+
+    Example:
+        >>> x = torch.arange(16, dtype=torch.uint8).reshape(1, 4, 4, 1)
+        >>> p = AugParams(torch.tensor([4]), torch.tensor([4]), torch.tensor([0.0]), torch.tensor([True]))
+        >>> (augment(x, p) * 255).round().int()[0, 0, 0].tolist()  # centre crop, no rotation, mirrored
+        [3, 2, 1, 0]
+    """
+    b, h, w, _ = x.shape
+    dev = x.device
+    padded = F.pad(x, (0, 0, pad, pad, pad, pad))  # (B, H+2p, W+2p, C), zeros around
+    rows = p.dy.to(dev)[:, None] + torch.arange(h, device=dev)  # (B, H)
+    cols = p.dx.to(dev)[:, None] + torch.arange(w, device=dev)  # (B, W)
+    x = padded[torch.arange(b, device=dev)[:, None, None], rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
+    x = to_float(x)  # (B, C, H, W), channels_last memory
+    rad = p.angle.to(dev, torch.float32) * (math.pi / 180)  # (B,)
+    cos, sin = torch.cos(rad), torch.sin(rad)  # (B,)
+    sign = 1.0 - 2.0 * p.flip.to(dev, torch.float32)  # (B,), -1 mirrors
+    # Output pixel -> input pixel: rotate about the centre, in pixel units (hence h/w on the off-diagonal).
+    theta = torch.stack(
+        [
+            torch.stack([cos * sign, -sin * (h / w), torch.zeros_like(cos)], 1),
+            torch.stack([sin * (w / h) * sign, cos, torch.zeros_like(cos)], 1),
+        ],
+        1,
+    )  # (B, 2, 3)
+    grid = F.affine_grid(theta, [b, x.shape[1], h, w], align_corners=False)  # (B, H, W, 2)
+    return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)  # (B, C, H, W)
+
+
+# ------------------------------------------------------------------------------------------------------- model
+
+
+def build_model(cfg: Config, in_chans: int) -> nn.Module:
+    """N-LruNet-wx for ``cfg``; ``--level`` goes to LruNet's ``level=`` when its constructor takes one."""
+    kwargs: dict[str, Any] = dict(
+        num_classes=DATASETS[cfg.dataset].num_classes,
+        width_mult=cfg.width,
+        reuse=cfg.reuse,
+        drop_rate=cfg.drop_rate,
+        in_chans=in_chans,
+    )
+    if cfg.level is not None:
+        if "level" in inspect.signature(LruNet).parameters:
+            kwargs["level"] = cfg.level
+        elif cfg.level != "layer":
+            raise ReuseError(
+                f"--level {cfg.level}: this version of reuse.models.LruNet has no `level` argument, so it can "
+                "only reuse whole layers; update the reuse package to one with filter and kernel reuse, "
+                "or drop --level (layer reuse is what LruNet does)"
+            )
+    return LruNet(**kwargs)
+
+
+def count_mflops(model: nn.Module, shape: tuple[int, int, int], device: torch.device) -> float:
+    """Forward FLOPs for one image, in millions, by ``torch.utils.flop_counter`` (2 FLOPs per multiply-add)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(torch.zeros(1, *shape, device=device))  # (1, C, H, W)
+    model.train(was_training)
+    return counter.get_total_flops() / 1e6
+
+
+# ---------------------------------------------------------------------------------------------------- schedule
+
+
+def make_scheduler(
+    opt: torch.optim.Optimizer, cfg: Config, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """A per-step learning-rate schedule. ``paper``: lr for 2/3 of the epochs, lr/10 for 1/6, lr/100 for 1/6
+    (200/50/50 at 300 epochs); ``cosine``: cosine from lr to 0; ``onecycle``: PyTorch's one-cycle with peak lr."""
+    total = cfg.epochs * steps_per_epoch
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total)
+    if cfg.schedule == "cosine":
+        factor: Callable[[int], float] = lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))  # noqa: E731
+    else:
+        m1 = round(cfg.epochs * PAPER_EPOCHS[0] / sum(PAPER_EPOCHS))
+        m2 = round(cfg.epochs * sum(PAPER_EPOCHS[:2]) / sum(PAPER_EPOCHS))
+        factor = lambda step: 0.1 ** ((step // steps_per_epoch >= m1) + (step // steps_per_epoch >= m2))  # noqa: E731
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+# ------------------------------------------------------------------------------------------------- checkpoints
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write ``path`` through ``write(tmp)`` on a temporary file next to it, then rename: a crash or kill at any
+    moment leaves either the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_checkpoint(obj: dict[str, Any], path: Path) -> None:
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def plot_curves(history: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Loss and accuracy per epoch, train and test, to ``path`` (PNG); skipped without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    epochs = [h["epoch"] for h in history]
+    tested = [h for h in history if h["test_acc"] is not None]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], label="train")
+    ax_loss.plot([h["epoch"] for h in tested], [h["test_loss"] for h in tested], "o-", label="test")
+    ax_acc.plot(epochs, [100 * h["train_acc"] for h in history], label="train")
+    ax_acc.plot([h["epoch"] for h in tested], [100 * h["test_acc"] for h in tested], "o-", label="test")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
+# -------------------------------------------------------------------------------------------------- processes
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_kind: str) -> Dist:
+    """Join the process group when started by ``torchrun`` with more than one process (NCCL on CUDA, gloo on
+    CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device_kind == "cuda":
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
+    return Dist(rank, world, local_rank)
+
+
+def _seed(*parts: int) -> int:
+    """A seed from integers (seed, epoch, rank), the same in every process and every session."""
+    s = 0
+    for p in parts:
+        s = (s * 1_000_003 + p + 7) % (2**63)
+    return s
+
+
+def _all_reduce(values: list[float], dd: Dist, device: torch.device) -> list[float]:
+    if dd.world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+# ---------------------------------------------------------------------------------------------------- training
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: Tensor, y: Tensor, ctx: Any, dd: Dist) -> tuple[float, float]:
+    """Mean loss and accuracy on ``(x, y)``, each process taking a strided share, summed over processes."""
+    model.eval()
+    x, y = x[dd.rank :: dd.world], y[dd.rank :: dd.world]
+    batch = 512
+    loss_sum = torch.zeros((), device=y.device)
+    correct = torch.zeros((), device=y.device, dtype=torch.int64)
+    for i in range(0, len(y), batch):
+        xb = to_float(x[i : i + batch])  # (b, C, H, W), channels_last memory
+        with ctx:
+            logits = model(xb).float()  # (b, classes)
+        loss_sum += F.cross_entropy(logits, y[i : i + batch], reduction="sum")
+        correct += (logits.argmax(1) == y[i : i + batch]).sum()
+    loss_sum, correct, count = _all_reduce([loss_sum.item(), float(correct.item()), float(len(y))], dd, y.device)
+    model.train()
+    return loss_sum / count, correct / count
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        enabled = False
+    if not enabled:
+        return None
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, mininterval=1 if sys.stderr.isatty() else 30)
+
+
+def train_epoch(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    data: Data,
+    cfg: Config,
+    epoch: int,
+    dd: Dist,
+    ctx: Any,
+) -> dict[str, float]:
+    """One epoch. Every step takes a global batch of ``cfg.batch_size`` images of a shuffle that depends only on
+    (seed, epoch); process ``r`` of ``W`` with ``A`` micro-batches takes the images at positions
+    ``r + W*a :: W*A`` of it (a strided share, as ``DistributedSampler``), so one process with ``A = K`` computes
+    the same update as K processes with ``A = 1``. The shuffle is padded by wrapping so every batch is full."""
+    x_all, y_all, device = data.train_x, data.train_y, data.train_x.device
+    n, parts = len(y_all), dd.world * cfg.grad_accum
+    steps = math.ceil(n / cfg.batch_size)
+    gen = torch.Generator().manual_seed(_seed(cfg.seed, epoch))
+    order = torch.randperm(n, generator=gen).repeat(math.ceil(steps * cfg.batch_size / n))[: steps * cfg.batch_size]
+    aug = draw_aug_params(len(order), gen).to(device) if cfg.augment else None
+    order = order.to(device, non_blocking=True)  # (steps * B,)
+    torch.manual_seed(_seed(cfg.seed, epoch, dd.rank))  # dropout: own masks per process, reproducible on resume
+
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    seen = 0
+    bar = _progress(steps, f"epoch {epoch + 1}/{cfg.epochs}", dd.main and cfg.progress)
+    t0 = last_log = time.perf_counter()
+    for step in range(steps):
+        batch = slice(step * cfg.batch_size, (step + 1) * cfg.batch_size)
+        for a in range(cfg.grad_accum):
+            part = slice(dd.rank + dd.world * a, None, parts)
+            idx = order[batch][part]  # (B / parts,)
+            xb = augment(x_all[idx], aug[batch][part]) if aug is not None else to_float(x_all[idx])  # (b, C, H, W)
+            xb = xb.contiguous(memory_format=torch.channels_last)  # a no-op unless grid_sample changed it
+            yb = y_all[idx]  # (b,)
+            ddp = getattr(model, "_orig_mod", model)  # under torch.compile, the DDP module inside
+            sync = a == cfg.grad_accum - 1 or not isinstance(ddp, nn.parallel.DistributedDataParallel)
+            with ctx, nullcontext() if sync else ddp.no_sync():
+                logits = model(xb).float()  # (b, classes)
+                loss = F.cross_entropy(logits, yb)
+                (loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach() * len(yb)
+            correct += (logits.argmax(1) == yb).sum()
+            seen += len(yb)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        if bar is not None:
+            bar.update(1)
+            now = time.perf_counter()
+            if now - last_log > 1 or step == steps - 1:  # .item() waits for the GPU: about once a second
+                last_log = now
+                bar.set_postfix(
+                    loss=f"{loss_sum.item() / seen:.3f}",
+                    acc=f"{100 * correct.item() / seen:.1f}%",
+                    img_s=f"{seen * dd.world / (now - t0):.0f}",
+                    lr=f"{sched.get_last_lr()[0]:.3g}",
+                )
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    if bar is not None:
+        bar.close()
+    loss_total, correct_total, seen_total = _all_reduce([loss_sum.item(), float(correct.item()), seen], dd, device)
+    return {
+        "train_loss": loss_total / seen_total,
+        "train_acc": correct_total / seen_total,
+        "epoch_s": elapsed,
+        "img_per_s": seen_total / elapsed,
+    }
+
+
+# -------------------------------------------------------------------------------------------------------- main
+
+
+def _pick_device(kind: str, dd_local_rank: int) -> torch.device:
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ReuseError("--device cuda: torch sees no CUDA device here; use --device cpu or auto")
+        return torch.device("cuda", dd_local_rank)
+    return torch.device("cpu")
+
+
+def _prepare_run(cfg: Config, given: set[str], dd: Dist) -> tuple[Config, Path, dict[str, Any] | None]:
+    """The run directory, the effective config and, with ``--resume``, the checkpoint to continue from."""
+    if cfg.resume:
+        if cfg.out is None:
+            raise ReuseError("--resume needs --out DIR, the run directory whose last.pt to continue")
+        out = Path(cfg.out)
+        if not (out / "last.pt").is_file():
+            raise ReuseError(f"--resume: {out / 'last.pt'} does not exist; start the run without --resume")
+        ckpt = torch.load(out / "last.pt", map_location="cpu")
+        saved = Config(**ckpt["config"])
+        clash = [
+            f"--{k.replace('_', '-')} {getattr(cfg, k)} (the run has {getattr(saved, k)})"
+            for k in sorted(given - RUNTIME_OPTIONS)
+            if getattr(cfg, k) != getattr(saved, k)
+        ]
+        if clash:
+            raise ReuseError(
+                f"--resume {out}: a resumed run keeps its configuration, but {', '.join(clash)}; drop these "
+                f"flags, or start a new run with another --out"
+            )
+        # Runtime options come from this command line; --data-dir from the run unless given again.
+        runtime = {k: getattr(cfg, k) for k in RUNTIME_OPTIONS if k != "data_dir" or k in given}
+        return Config(**{**asdict(saved), **runtime}), out, ckpt
+    cfg = resolve_defaults(cfg)
+    if cfg.out is None:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        name = f"runs/{cfg.dataset}-{cfg.reuse}-lrunet-{cfg.width:g}x-{stamp}"
+        if dd.world > 1:  # every process must use the directory of process 0
+            box = [name]
+            dist.broadcast_object_list(box, src=0)
+            name = box[0]
+        cfg = Config(**{**asdict(cfg), "out": name})
+    out = Path(cfg.out)
+    if (out / "last.pt").exists():
+        raise ReuseError(
+            f"--out {out} already holds a run (last.pt); pass --resume to continue it, or another --out to start anew"
+        )
+    return cfg, out, None
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Train as configured by ``argv`` (the command line when None); return the final metrics."""
+    wall0 = time.perf_counter()
+    cfg, given = parse_config(argv)
+    dd = setup_distributed("cuda" if _pick_device(cfg.device, 0).type == "cuda" else "cpu")
+    try:
+        return _run(cfg, given, dd, wall0)
+    finally:
+        if dd.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(cfg: Config, given: set[str], dd: Dist, wall0: float) -> dict[str, Any]:
+    cfg, out, ckpt = _prepare_run(cfg, given, dd)
+    device = _pick_device(cfg.device, dd.local_rank)
+    cuda = device.type == "cuda"
+    if cfg.batch_size % (dd.world * cfg.grad_accum):
+        raise ReuseError(
+            f"--batch-size {cfg.batch_size} is the global batch; it must split evenly over {dd.world} processes x "
+            f"{cfg.grad_accum} micro-batches (--grad-accum)"
+        )
+    log = print if dd.main else (lambda *a, **k: None)
+
+    data = load_data(cfg)
+    shape = (data.train_x.shape[3], data.train_x.shape[1], data.train_x.shape[2])  # (C, H, W)
+    data = Data(*(t.to(device) for t in (data.train_x, data.train_y, data.test_x, data.test_y)), source=data.source)
+
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+
+    torch.manual_seed(cfg.seed)  # the same initial weights in every process
+    model = build_model(cfg, in_chans=shape[0]).to(device)
+    if cfg.sync_bn and dd.world > 1:
+        if not cuda:
+            raise ReuseError(
+                "--sync-bn needs CUDA: PyTorch's SyncBatchNorm has no CPU implementation; drop --sync-bn "
+                "(each process then normalises with the statistics of its share of the batch)"
+            )
+        # Replaces every BatchNorm, the per-use copies inside the reused blocks included; shared convolutions
+        # stay shared (the conversion keeps modules without BatchNorm as they are).
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    params = sum(p.numel() for p in model.parameters())  # shared weights count once
+    mflops = count_mflops(model, shape, device)
+    model = model.to(memory_format=torch.channels_last)  # faster on CUDA, and on CPU for LruNet (measured)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(data.train_y) / cfg.batch_size)
+    sched = make_scheduler(opt, cfg, steps_per_epoch)
+
+    start_epoch, best_acc, history = 0, -1.0, []
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        start_epoch, best_acc, history = ckpt["epoch"], ckpt["best_acc"], ckpt["history"]
+    train_model: nn.Module = model
+    if dd.world > 1:
+        # Reused blocks use their weights several times per forward; autograd sums those uses before the
+        # weight's gradient hook fires once, so DDP's default (static set of used parameters) reduces them right.
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if cuda else None, gradient_as_bucket_view=True
+        )
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+
+    if dd.main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(out / "config.json", json.dumps(asdict(cfg), indent=2) + "\n")
+    name = model_name(cfg)
+    log(
+        f"{name} on {cfg.dataset} ({data.source}: {len(data.train_y)} train, {len(data.test_y)} test images) | "
+        f"{params / 1e3:.1f}k params, {mflops:.1f} MFLOPs | {device.type} x {dd.world} | batch {cfg.batch_size}, "
+        f"{steps_per_epoch} steps/epoch, schedule {cfg.schedule}, lr {cfg.lr} | run dir {out}"
+        + (f" | resuming after epoch {start_epoch}" if ckpt is not None else "")
+    )
+
+    for epoch in range(start_epoch, cfg.epochs):
+        stats = train_epoch(train_model, opt, sched, data, cfg, epoch, dd, ctx)
+        test_loss = test_acc = None
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            if dd.world > 1:  # BatchNorm statistics of process 0 for everyone, as DDP's buffer broadcast does
+                for b in model.buffers():
+                    dist.broadcast(b, src=0)
+            test_loss, test_acc = evaluate(model, data.test_x, data.test_y, ctx, dd)
+        prev_time = history[-1]["time_s"] if history else 0.0
+        record = {
+            "epoch": epoch + 1,
+            "lr": sched.get_last_lr()[0],
+            **stats,
+            "test_loss": test_loss,
+            "test_acc": test_acc,
+            "time_s": prev_time + stats["epoch_s"],
+        }
+        history.append(record)
+        improved = test_acc is not None and test_acc > best_acc
+        best_acc = max(best_acc, test_acc) if test_acc is not None else best_acc
+        log(
+            f"epoch {epoch + 1}/{cfg.epochs}  train loss {stats['train_loss']:.4f} acc {100 * stats['train_acc']:.2f}%"
+            + (f"  test loss {test_loss:.4f} acc {100 * test_acc:.2f}%" if test_acc is not None else "")
+            + f"  {stats['epoch_s']:.1f} s, {stats['img_per_s']:.0f} img/s"
+        )
+        if dd.main:
+            state = {"config": asdict(cfg), "epoch": epoch + 1, "best_acc": best_acc, "history": history}
+            if improved:  # best.pt first: a kill between the two leaves a last.pt that agrees with best.pt
+                save_checkpoint({**state, "model": model.state_dict(), "test_acc": test_acc}, out / "best.pt")
+            full = {
+                **state,
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+            }
+            save_checkpoint(full, out / "last.pt")
+            write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+            plot_curves(history, out / "curves.png", f"{name} on {cfg.dataset}")
+        if dd.world > 1:
+            dist.barrier()
+
+    last_acc = next((h["test_acc"] for h in reversed(history) if h["test_acc"] is not None), None)
+    final = {
+        "model": name,
+        "dataset": cfg.dataset,
+        "params": params,
+        "mflops": round(mflops, 2),
+        "best_acc": best_acc if best_acc >= 0 else None,
+        "last_acc": last_acc,
+        "epochs": cfg.epochs,
+        "train_images": len(data.train_y),
+        "test_images": len(data.test_y),
+        "train_time_s": round(history[-1]["time_s"], 1) if history else 0.0,
+        "wall_s": round(time.perf_counter() - wall0, 1),
+        "device": f"{device.type} x {dd.world}",
+        "out": str(out),
+    }
+    if dd.main:
+        write_text(out / "final.json", json.dumps(final, indent=2) + "\n")
+        print(json.dumps(final), flush=True)
+    return final
+
+
+def cli() -> None:
+    """The command line: errors the user can fix print as one message, not a traceback."""
+    try:
+        main()
+    except ReuseError as err:
+        print(f"lrunet_cifar.py: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("lrunet_cifar.py: interrupted; continue with --out DIR --resume", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,456 @@
+"""Tests of the training script ``examples/lrunet_cifar.py`` on the CPU.
+
+End to end on tiny real data (the Fashion-MNIST subset shipped in ``examples/data``), the CIFAR-100 defaults on
+generated data, exact resume, atomic checkpoints (a failing save and a real SIGKILL), DDP on gloo with two
+processes against one process, the on-device augmentation, and the messages for missing or malformed data.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import reuse
+from reuse.models import LruNet
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "lrunet_cifar.py"
+SUBSET = ROOT / "examples" / "data" / "fashion_mnist_subset"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("lrunet_cifar", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["lrunet_cifar"] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+lc = _load_script()
+
+# A few seconds per run: 64 real images, a quarter-width 2-LruNet, batches of 16.
+TINY = [
+    "--dataset", "fashion-mnist", "--data-dir", str(SUBSET), "--subset", "64", "--test-subset", "64",
+    "--batch-size", "16", "--width", "0.25", "--reuse", "2", "--schedule", "onecycle", "--no-progress",
+]  # fmt: skip
+
+
+def _env() -> dict[str, str]:
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These models are tiny: one thread is as fast, and on a busy 2-core machine much faster than two."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _weights(run: Path, name: str = "last.pt") -> dict[str, torch.Tensor]:
+    return torch.load(run / name, map_location="cpu")["model"]
+
+
+# --------------------------------------------------------------------------------------------------- end to end
+
+
+def test_shipped_subset_is_real_fashion_mnist() -> None:
+    for split, n in (("train", 3000), ("test", 1000)):
+        with np.load(SUBSET / f"{split}.npz") as d:
+            assert d["images"].shape == (n, 28, 28) and d["images"].dtype == np.uint8
+            assert d["labels"].dtype == np.int64
+            assert np.bincount(d["labels"]).tolist() == [n // 10] * 10
+    assert sum(f.stat().st_size for f in SUBSET.iterdir()) < 2_000_000
+
+
+def test_end_to_end_on_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Two epochs of real data: the run directory holds every promised file, and the numbers agree."""
+    run = tmp_path / "run"
+    final = lc.main([*TINY, "--epochs", "2", "--out", str(run)])
+
+    model = LruNet(num_classes=10, width_mult=0.25, reuse=2, in_chans=1)
+    assert final["params"] == sum(p.numel() for p in model.parameters())
+    assert final["model"] == "2-LruNet-0.25x" and final["epochs"] == 2 and final["train_images"] == 64
+    assert final["mflops"] > 0 and final["wall_s"] > 0
+    assert 0 <= final["last_acc"] <= final["best_acc"] <= 1
+
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == final  # the last line is the JSON
+    assert json.loads((run / "final.json").read_text()) == final
+    config = json.loads((run / "config.json").read_text())
+    assert config["dataset"] == "fashion-mnist" and config["drop_rate"] == 0.5 and config["out"] == str(run)
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert history[-1]["test_acc"] == final["last_acc"] and max(h["test_acc"] for h in history) == final["best_acc"]
+    assert all(np.isfinite(h["train_loss"]) and h["img_per_s"] > 0 for h in history)
+    model.load_state_dict(_weights(run))  # strict: the checkpoint is a plain LruNet state dict
+    best = torch.load(run / "best.pt", map_location="cpu")
+    assert best["test_acc"] == final["best_acc"]
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(run.glob(".*tmp"))
+
+
+def test_cifar100_uses_the_papers_defaults(tmp_path: Path) -> None:
+    """No CIFAR-100 copy offline: generated images in the npz layout; width 2x and dropout 0.7 by default."""
+    data = tmp_path / "c100"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 32), ("test", 16)):
+        images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+        np.savez(data / f"{split}.npz", images=images, labels=rng.integers(0, 100, n).astype(np.int64))
+    run = tmp_path / "run"
+    final = lc.main(["--dataset", "cifar100", "--data-dir", str(data), "--reuse", "1", "--epochs", "1",
+                     "--batch-size", "16", "--no-progress", "--out", str(run)])  # fmt: skip
+    config = json.loads((run / "config.json").read_text())
+    assert (config["width"], config["drop_rate"]) == (2.0, 0.7)
+    assert final["model"] == "1-LruNet-2x"
+    assert final["params"] == sum(p.numel() for p in LruNet(100, width_mult=2.0, reuse=1).parameters())
+    assert _weights(run)["classifier.weight"].shape[0] == 100
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    """An uncompressed idx file, the format torchvision's FashionMNIST reads from its raw/ folder."""
+    code = 0x08  # unsigned byte
+    header = bytes([0, 0, code, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def test_torchvision_layout(tmp_path: Path) -> None:
+    """--data-dir may be a torchvision root: FashionMNIST/raw/*-ubyte, read by torchvision itself."""
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        with np.load(SUBSET / f"{split}.npz") as d:
+            _write_idx(raw / f"{prefix}-images-idx3-ubyte", d["images"][:40])
+            _write_idx(raw / f"{prefix}-labels-idx1-ubyte", d["labels"][:40])
+    cfg, _ = lc.parse_config(["--dataset", "fashion-mnist", "--data-dir", str(tmp_path), "--no-download"])
+    data = lc.load_data(cfg)
+    with np.load(SUBSET / "train.npz") as d:
+        assert torch.equal(data.train_x[..., 0], torch.from_numpy(d["images"][:40]))
+        assert torch.equal(data.train_y, torch.from_numpy(d["labels"][:40]))
+    assert data.source.startswith("torchvision.datasets.FashionMNIST")
+
+
+# ------------------------------------------------------------------------------------------------------- resume
+
+
+class _Killed(Exception):
+    """Stands for a kill right after a checkpoint was written."""
+
+
+def test_resume_gives_the_same_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run stopped after epoch 1 and resumed ends with exactly the weights, optimizer state and metrics of a
+    run that never stopped (augmentation, dropout and the one-cycle schedule all on)."""
+    args = [*TINY, "--epochs", "3"]
+    lc.main([*args, "--out", str(tmp_path / "straight")])
+
+    real_save = lc.save_checkpoint
+
+    def save_then_die(obj: dict, path: Path) -> None:
+        real_save(obj, path)
+        if path.name == "last.pt" and obj["epoch"] == 1:
+            raise _Killed
+
+    monkeypatch.setattr(lc, "save_checkpoint", save_then_die)
+    with pytest.raises(_Killed):
+        lc.main([*args, "--out", str(tmp_path / "stopped")])
+    monkeypatch.setattr(lc, "save_checkpoint", real_save)
+    lc.main(["--out", str(tmp_path / "stopped"), "--resume", "--no-progress"])  # config comes from the run
+
+    a = torch.load(tmp_path / "straight" / "last.pt")
+    b = torch.load(tmp_path / "stopped" / "last.pt")
+    assert a["epoch"] == b["epoch"] == 3
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    moms_a = [s["momentum_buffer"] for s in a["optimizer"]["state"].values()]
+    moms_b = [s["momentum_buffer"] for s in b["optimizer"]["state"].values()]
+    assert all(torch.equal(x, y) for x, y in zip(moms_a, moms_b, strict=True))
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"]
+    keys = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc")
+    assert [{k: h[k] for k in keys} for h in a["history"]] == [{k: h[k] for k in keys} for h in b["history"]]
+    lines = (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+
+
+def test_resume_and_out_refuse_what_they_cannot_do(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    with pytest.raises(reuse.ReuseError, match="needs --out"):
+        lc.main(["--resume"])
+    with pytest.raises(reuse.ReuseError, match="last.pt does not exist"):
+        lc.main(["--resume", "--out", str(run)])
+    lc.main([*TINY, "--epochs", "1", "--out", str(run)])
+    with pytest.raises(reuse.ReuseError, match="already holds a run"):
+        lc.main([*TINY, "--epochs", "1", "--out", str(run)])
+    with pytest.raises(reuse.ReuseError, match=r"--epochs 5 \(the run has 1\)"):
+        lc.main(["--resume", "--out", str(run), "--epochs", "5"])
+
+
+# ------------------------------------------------------------------------------------------ atomic checkpoints
+
+
+def test_failed_save_leaves_the_old_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "last.pt"
+    lc.save_checkpoint({"epoch": 1, "w": torch.arange(10)}, path)
+
+    def half_write_then_fail(obj: object, f: Path) -> None:
+        Path(f).write_bytes(b"PK\x03\x04 half a checkpoint")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(lc.torch, "save", half_write_then_fail)
+    with pytest.raises(OSError, match="No space"):
+        lc.save_checkpoint({"epoch": 2, "w": torch.zeros(10)}, path)
+    monkeypatch.undo()
+    old = torch.load(path)
+    assert old["epoch"] == 1 and torch.equal(old["w"], torch.arange(10))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
+
+
+def test_sigkill_during_saves_never_corrupts(tmp_path: Path) -> None:
+    """A process saving 16 MB checkpoints in a loop is killed at an arbitrary moment: last.pt still loads."""
+    path = tmp_path / "last.pt"
+    child = textwrap.dedent(f"""
+        import importlib.util, sys, torch
+        spec = importlib.util.spec_from_file_location("lc", {str(SCRIPT)!r})
+        lc = importlib.util.module_from_spec(spec); sys.modules["lc"] = lc; spec.loader.exec_module(lc)
+        for i in range(10**6):
+            lc.save_checkpoint({{"i": i, "w": torch.full((4_000_000,), float(i))}}, lc.Path({str(path)!r}))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", child], env=_env())
+    try:
+        deadline = time.monotonic() + 60
+        while not path.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the child never wrote a checkpoint"
+            time.sleep(0.05)
+        time.sleep(0.7)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    ckpt = torch.load(path)
+    assert torch.all(ckpt["w"] == float(ckpt["i"]))
+
+
+# -------------------------------------------------------------------------------------------------------- DDP
+
+
+def test_ddp_on_gloo_matches_one_process(tmp_path: Path) -> None:
+    """``torchrun --nproc_per_node=2`` on gloo ends with the parameters of a single process with the same global
+    batch, after 4 steps of SGD.
+
+    Why these settings make equality hold:
+    - Data order and augmentation come from a generator seeded with (seed, epoch) and drawn for the whole
+      global batch, the same in every process; process r takes the images at positions r::2 of each batch.
+    - BatchNorm normalises with the statistics of the images a process sees (SyncBatchNorm would need CUDA).
+      So the single process runs with ``--grad-accum 2``: micro-batch a takes positions a::2, exactly the
+      images of DDP process a, and its loss is divided by 2; DDP averages the two processes' gradients. Both
+      give the gradient of the same loss, up to float rounding (hence allclose, not equal).
+    - Running BatchNorm statistics differ (DDP broadcasts process 0's before each forward, the single process
+      updates them twice per step), but in training mode they do not touch the forward pass, so only the
+      parameters are compared.
+    - Dropout off: each DDP process draws its own masks, one process draws them in sequence.
+    The single process with the full batch in one piece (``--grad-accum 1``) differs: the check is sensitive to
+    how the batch is split. A run that finishes at all shows DDP reduced the reused weights (used N times per
+    forward) without the "marked ready twice" failure.
+    """
+    args = [*TINY, "--epochs", "1", "--drop-rate", "0", "--device", "cpu"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(SCRIPT)]
+    proc = subprocess.run(
+        [*cmd, *args, "--out", str(tmp_path / "ddp")], env=_env(),
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "marked ready twice" not in proc.stderr + proc.stdout
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["device"] == "cpu x 2"
+
+    lc.main([*args, "--grad-accum", "2", "--out", str(tmp_path / "one")])
+    lc.main([*args, "--out", str(tmp_path / "whole")])
+    ddp, one, whole = (_weights(tmp_path / n) for n in ("ddp", "one", "whole"))
+    names = [n for n, _ in LruNet(10, width_mult=0.25, reuse=2, in_chans=1).named_parameters()]
+    assert names and all(n in ddp for n in names)
+    for n in names:
+        torch.testing.assert_close(ddp[n], one[n], rtol=1e-4, atol=1e-5, msg=n)
+    assert any(not torch.allclose(ddp[n], whole[n], rtol=1e-4, atol=1e-5) for n in names)
+    torch.manual_seed(0)  # the script's initial weights (--seed 0)
+    init = LruNet(10, width_mult=0.25, reuse=2, drop_rate=0.0, in_chans=1).state_dict()
+    assert all(not torch.allclose(ddp[n], init[n]) for n in names if n.endswith("dw.weight"))  # it trained
+
+
+# ------------------------------------------------------------------------------------------------ augmentation
+
+
+@st.composite
+def _batches(draw: st.DrawFn) -> tuple[torch.Tensor, object]:
+    b, h, w, c = (
+        draw(st.integers(1, 4)),
+        draw(st.integers(1, 9)),
+        draw(st.integers(1, 9)),
+        draw(st.sampled_from([1, 3])),
+    )
+    x = torch.from_numpy(np.random.default_rng(draw(st.integers(0, 99))).integers(0, 256, (b, h, w, c), dtype=np.uint8))
+    offsets = st.lists(st.integers(0, 8), min_size=b, max_size=b)
+    flips = st.lists(st.booleans(), min_size=b, max_size=b)
+    p = lc.AugParams(
+        torch.tensor(draw(offsets)), torch.tensor(draw(offsets)), torch.zeros(b), torch.tensor(draw(flips))
+    )
+    return x, p
+
+
+@settings(deadline=None, max_examples=25)
+@given(_batches())
+def test_crop_and_flip_are_exact(batch: tuple[torch.Tensor, object]) -> None:
+    """Without rotation, each output image is a window of the zero-padded input, mirrored where asked."""
+    x, p = batch
+    y = lc.augment(x, p)  # (B, C, H, W)
+    b, h, w, c = x.shape
+    padded = torch.nn.functional.pad(x, (0, 0, 4, 4, 4, 4)).permute(0, 3, 1, 2).float() / 255  # (B, C, H+8, W+8)
+    for i in range(b):
+        ref = padded[i, :, p.dy[i] : p.dy[i] + h, p.dx[i] : p.dx[i] + w]  # (C, H, W)
+        torch.testing.assert_close(y[i], ref.flip(-1) if p.flip[i] else ref, rtol=0, atol=0)
+
+
+def test_rotation_turns_about_the_centre() -> None:
+    x = torch.randint(0, 256, (1, 6, 6, 2), dtype=torch.uint8)
+    ref = x[0].permute(2, 0, 1).float() / 255  # (C, H, W)
+    centre = dict(dx=torch.tensor([4]), dy=torch.tensor([4]), flip=torch.tensor([False]))
+    assert torch.equal(
+        lc.augment(x, lc.AugParams(angle=torch.tensor([90.0]), **centre))[0], torch.rot90(ref, 1, (1, 2))
+    )
+    wide = torch.randint(0, 256, (1, 4, 8, 1), dtype=torch.uint8)
+    turned = lc.augment(wide, lc.AugParams(angle=torch.tensor([180.0]), **centre))[0]
+    assert torch.equal(turned, (wide[0].permute(2, 0, 1).float() / 255).flip(1, 2))
+
+
+def test_augmentation_draws_stay_in_the_recipe() -> None:
+    p = lc.draw_aug_params(4000, torch.Generator().manual_seed(0))
+    assert p.dx.min() == 0 and p.dx.max() == 8 and p.dy.min() == 0 and p.dy.max() == 8
+    assert -10 <= p.angle.min() < -9.9 and 9.9 < p.angle.max() <= 10
+    assert 0.45 < p.flip.float().mean() < 0.55
+    y = lc.augment(torch.randint(0, 256, (64, 28, 28, 1), dtype=torch.uint8), p[:64])
+    assert y.shape == (64, 1, 28, 28) and y.dtype == torch.float32 and 0 <= y.min() and y.max() <= 1
+
+
+# ---------------------------------------------------------------------------------------------- model, schedule
+
+
+def test_level_goes_to_lrunet_only_when_it_takes_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = lc.resolve_defaults(lc.parse_config(["--level", "filter", "--width", "0.25"])[0])
+    seen = {}
+
+    class WithLevel(torch.nn.Module):
+        def __init__(self, num_classes, width_mult, reuse, drop_rate, in_chans, level="layer"):
+            super().__init__()
+            seen["level"] = level
+
+    class WithoutLevel(torch.nn.Module):
+        def __init__(self, num_classes, width_mult, reuse, drop_rate, in_chans):
+            super().__init__()
+
+    monkeypatch.setattr(lc, "LruNet", WithLevel)
+    lc.build_model(cfg, 3)
+    assert seen == {"level": "filter"}
+    monkeypatch.setattr(lc, "LruNet", WithoutLevel)
+    with pytest.raises(reuse.ReuseError, match="no `level` argument"):
+        lc.build_model(cfg, 3)
+    lc.build_model(lc.resolve_defaults(lc.parse_config(["--level", "layer"])[0]), 3)  # what LruNet does anyway
+
+
+def test_paper_schedule_is_200_50_50_scaled() -> None:
+    cfg = lc.parse_config(["--epochs", "6"])[0]
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    sched = lc.make_scheduler(opt, cfg, steps_per_epoch=2)
+    lrs = []
+    for _ in range(12):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([0.1] * 8 + [0.01] * 2 + [0.001] * 2)
+
+
+# ------------------------------------------------------------------------------------------------ missing data
+
+
+def test_no_data_and_no_download(tmp_path: Path) -> None:
+    with pytest.raises(reuse.ReuseError) as err:
+        lc.main(["--dataset", "cifar10", "--data-dir", str(tmp_path), "--no-download", "--out", str(tmp_path / "r")])
+    msg = str(err.value)
+    assert str(tmp_path) in msg and "train.npz" in msg and "--data-dir" in msg and "CIFAR10" in msg
+
+
+def test_download_failure_says_where_to_put_the_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchvision
+
+    class Offline:
+        def __init__(self, root: str, train: bool, download: bool) -> None:
+            if download:
+                raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+            raise RuntimeError("Dataset not found or corrupted. You can use download=True to download it")
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", Offline)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(reuse.ReuseError) as err:
+        lc.main(["--dataset", "fashion-mnist", "--no-progress"])
+    msg = str(err.value)
+    assert "download failed (URLError" in msg and "--data-dir" in msg and "fashion_mnist_subset" in msg
+    assert not (tmp_path / "runs").exists()  # nothing written for a run that never started
+
+
+def test_cli_prints_a_message_not_a_traceback(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--dataset", "cifar10", "--data-dir", str(tmp_path), "--no-download"],
+        env=_env(), capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("lrunet_cifar.py: error: no cifar10 data") and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("files", "match"),
+    [
+        ({"train": dict(images=np.zeros((4, 28, 28), np.uint8), labels=np.zeros(4, np.int64))}, "holds no test.npz"),
+        ({"train": dict(images=np.zeros((4, 28, 28), np.float32), labels=np.zeros(4, np.int64))}, "must be uint8"),
+        ({"train": dict(images=np.zeros((4, 28, 28, 3), np.uint8), labels=np.zeros(4, np.int64))}, "3 channels"),
+        ({"train": dict(images=np.zeros((4, 28, 28), np.uint8), labels=np.zeros(3, np.int64))}, "labels` must be"),
+        ({"train": dict(images=np.zeros((4, 28, 28), np.uint8), labels=np.full(4, 10))}, "is --dataset right"),
+        ({"train": dict(pixels=np.zeros((4, 28, 28), np.uint8))}, "lacks"),
+    ],
+)
+def test_malformed_npz_is_named(tmp_path: Path, files: dict, match: str) -> None:
+    good = dict(images=np.zeros((4, 28, 28), np.uint8), labels=np.zeros(4, np.int64))
+    for split, arrays in {"test": good, **files}.items() if "holds no" not in match else files.items():
+        np.savez(tmp_path / f"{split}.npz", **arrays)
+    cfg, _ = lc.parse_config(["--dataset", "fashion-mnist", "--data-dir", str(tmp_path)])
+    with pytest.raises(reuse.ReuseError, match=match) as err:
+        lc.load_data(cfg)
+    assert str(tmp_path) in str(err.value)
+
+
+def test_sync_bn_keeps_the_reuse_structure() -> None:
+    """--sync-bn converts every BatchNorm, per-use copies included, and leaves the shared convolutions shared
+    (checked in eval mode: SyncBatchNorm only synchronises in training, which needs CUDA)."""
+    model = LruNet(10, width_mult=0.25, reuse=3).eval()
+    x = torch.randn(2, 3, 32, 32)  # (B, C, H, W)
+    expected, shared = model(x), model.stage2.shared_names()
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model).eval()
+    assert torch.equal(synced(x), expected)
+    assert synced.stage2.shared_names() == shared and synced.stage2.uses[2].dw is synced.stage2.uses[0].dw
+    assert isinstance(synced.stage2.uses[2].dw_bn, torch.nn.SyncBatchNorm)
+
+
+def test_sync_bn_on_cpu_processes_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lc, "setup_distributed", lambda kind: lc.Dist(rank=0, world=2, local_rank=0))
+    with pytest.raises(reuse.ReuseError, match="--sync-bn needs CUDA"):
+        lc.main([*TINY, "--sync-bn", "--device", "cpu", "--out", str(tmp_path / "r")])
