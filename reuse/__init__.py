@@ -22,8 +22,12 @@ __all__ = [
     "is_norm",
     "shuffle_permutation",
     "wrap",
+    "ConversionReport",
+    "convert",
+    "find_runs",
 ]
 
+from reuse.fx import ConversionReport, convert, find_runs
 from reuse.layer import LayerReuse, is_batchnorm, is_norm, wrap
 from reuse.shuffle import ChannelShuffle, channel_shuffle, shuffle_permutation
 

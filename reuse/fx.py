@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import enum
 import functools
+import inspect
 import os
 import re
 import sys
@@ -182,42 +183,54 @@ def _settings(module: nn.Module) -> tuple:
     return items, extra
 
 
+# Weightless modules that are the identity in eval mode: a block with rate 0 often holds nn.Identity instead.
+_DROP_NAMES = frozenset({"DropPath", "StochasticDepth", "DropBlock2d", "DropBlock"})
+
+
+def _kind(module: nn.Module) -> object:
+    """The class of a weightless module for comparing structures; dropout-like classes and Identity are one."""
+    if isinstance(module, (nn.Identity, nn.modules.dropout._DropoutNd)) or any(
+        c.__name__ in _DROP_NAMES for c in type(module).__mro__
+    ):
+        return "drop"
+    return type(module)
+
+
 class _Structure:
     """Structure keys of modules, interned to ints so that comparing two blocks is one int comparison.
 
     The key of a module covers its class, settings, parameter and buffer shapes and its children's keys.
-    A subtree without parameters or buffers is *weightless*: its key is the same whatever its classes and
-    settings, so blocks that differ only there (drop-path rates) count as the same structure.
+    A subtree without parameters or buffers is *weightless*: its key keeps only its classes (dropout-like
+    ones and ``nn.Identity`` counted as one), not its settings, so blocks that differ only in drop-path
+    rates count as the same structure (those modules are then kept per use).
     """
 
-    WEIGHTLESS = 0
-
     def __init__(self) -> None:
-        self._ids: dict[tuple, int] = {("weightless",): self.WEIGHTLESS}
+        self._ids: dict[tuple, int] = {}
         self._memo: dict[int, int] = {}
         self._full: dict[int, int] = {}
+        self._light: dict[int, bool] = {}
 
     def key(self, module: nn.Module) -> int:
         kid = self._memo.get(id(module))
         if kid is None:
             children = tuple((n, self.key(c)) for n, c in module._modules.items() if c is not None)
-            params = tuple(
-                (n, None if p is None else (tuple(p.shape), p.dtype, p.requires_grad))
-                for n, p in module._parameters.items()
-            )
-            buffers = tuple((n, None if b is None else (tuple(b.shape), b.dtype)) for n, b in module._buffers.items())
-            own = any(p is not None for p in module._parameters.values()) or any(
-                b is not None for b in module._buffers.values()
-            )
-            if not own and all(k == self.WEIGHTLESS for _, k in children):
-                kid = self.WEIGHTLESS
+            if self.weightless(module):
+                kid = self._intern(("weightless", _kind(module), children))
             else:
+                params = tuple(
+                    (n, None if p is None else (tuple(p.shape), p.dtype, p.requires_grad))
+                    for n, p in module._parameters.items()
+                )
+                buffers = tuple(
+                    (n, None if b is None else (tuple(b.shape), b.dtype)) for n, b in module._buffers.items()
+                )
                 kid = self._intern((type(module), _settings(module), params, buffers, children))
             self._memo[id(module)] = kid
         return kid
 
     def full_key(self, module: nn.Module) -> int:
-        """Like :meth:`key` but weightless subtrees are compared too (classes and settings)."""
+        """Like :meth:`key` but weightless subtrees are compared in full (classes and settings)."""
         kid = self._full.get(id(module))
         if kid is None:
             children = tuple((n, self.full_key(c)) for n, c in module._modules.items() if c is not None)
@@ -226,7 +239,13 @@ class _Structure:
         return kid
 
     def weightless(self, module: nn.Module) -> bool:
-        return self.key(module) == self.WEIGHTLESS
+        """No parameter and no buffer in the whole subtree."""
+        light = self._light.get(id(module))
+        if light is None:
+            own = any(t is not None for t in (*module._parameters.values(), *module._buffers.values()))
+            light = not own and all(self.weightless(c) for c in module._modules.values() if c is not None)
+            self._light[id(module)] = light
+        return light
 
     def _intern(self, key: tuple) -> int:
         return self._ids.setdefault(key, len(self._ids))
@@ -334,10 +353,29 @@ def _failing_line(err: BaseException) -> str:
     return "inside torch"
 
 
-def _trace(root: nn.Module, tracer: _Tracer, what: str) -> fx.Graph:
-    """Trace ``root``; any failure becomes a ReuseError naming the module path and the operation."""
+def _defaults(module: nn.Module, given: int) -> dict[str, Any]:
+    """The ``forward`` arguments after the ``given`` first ones that have defaults, at their defaults.
+
+    Traced as constants: otherwise FX makes ``attn_mask=None`` a proxy and ``if attn_mask is not None``
+    takes the wrong branch (timm's ViT calls its blocks one by one with keywords there).
+    """
     try:
-        return tracer.trace(root)
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return {
+        p.name: p.default
+        for p in params[given:]
+        if p.kind in (*positional, inspect.Parameter.KEYWORD_ONLY) and p.default is not inspect.Parameter.empty
+    }
+
+
+def _trace(root: nn.Module, tracer: _Tracer, what: str, given: int = 1) -> fx.Graph:
+    """Trace ``root`` called with ``given`` positional tensors, its other arguments left at their defaults;
+    any failure becomes a ReuseError naming the module path and the operation."""
+    try:
+        return tracer.trace(root, concrete_args=_defaults(root, given) or None)
     except Exception as err:  # FX raises TraceError, TypeError, RuntimeError, NameError, ...
         path, cls = tracer.failed_at or ("", type(root).__name__)
         where = f"in module '{path}' ({cls})" if path else f"in the forward of {cls} itself"
@@ -390,9 +428,10 @@ def _record_shapes(
 ) -> dict[int, list[tuple[_Shape, _Shape]]]:
     """Input and output shape of each call of ``modules`` in one forward pass of ``model``.
 
-    The pass runs on the ``meta`` device (parameters and buffers swapped for meta tensors with
-    ``torch.func.functional_call``: no arithmetic, nothing of the model written). A model that cannot
-    run on meta runs for real, under ``no_grad`` and on copies of the buffers (BatchNorm statistics untouched).
+    The pass runs in eval mode (any batch size goes) on the ``meta`` device: parameters and buffers are
+    swapped for meta tensors with ``torch.func.functional_call``, so no arithmetic is done. A model that
+    cannot run on meta runs for real, under ``no_grad`` and on copies of the buffers. The hooks and the
+    modes are put back as they were: nothing of the model is changed.
     """
     records: dict[int, list[tuple[_Shape, _Shape]]] = {}
 
@@ -401,6 +440,8 @@ def _record_shapes(
         records.setdefault(id(module), []).append((_shape(x), _shape(out)))
 
     handles = [m.register_forward_hook(hook, with_kwargs=True) for m in modules]
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
     try:
         try:
             tensors = {n: torch.empty_like(t, device="meta") for n, t in model.named_parameters()}
@@ -410,8 +451,10 @@ def _record_shapes(
                 torch.func.functional_call(model, tensors, meta)
         except Exception:
             records.clear()
-            real = tuple(x.to(_device_of(model)) if isinstance(x, Tensor) and x.is_meta else x for x in inputs)
-            real = tuple(torch.zeros_like(x, device=_device_of(model)) if isinstance(x, Tensor) else x for x in real)
+            device = _device_of(model)
+            real = tuple(
+                torch.zeros_like(x, device=device) if isinstance(x, Tensor) and x.is_meta else x for x in inputs
+            )
             buffers = {n: b.clone() for n, b in model.named_buffers()}
             try:
                 with torch.no_grad():
@@ -425,6 +468,8 @@ def _record_shapes(
     finally:
         for h in handles:
             h.remove()
+        for m, training in modes:
+            m.training = training
     return records
 
 
@@ -500,9 +545,8 @@ class _Planner:
             for child in m.children():
                 if seen[id(child)] > 1 or isinstance(child, LayerReuse):
                     continue
-                k = self.struct.key(child)
-                if k != _Structure.WEIGHTLESS:
-                    groups.setdefault(k, []).append(child)
+                if not self.struct.weightless(child):
+                    groups.setdefault(self.struct.key(child), []).append(child)
             for group in groups.values():
                 if len(group) > 1:
                     out.update((id(c), c) for c in group)
@@ -519,7 +563,7 @@ class _Planner:
         inside = {i: self._has_candidate_below(m) for i, m in self.candidates.items()}
         while True:
             tracer = self._tracer(active)
-            graph = _trace(self.model, tracer, "model")
+            graph = _trace(self.model, tracer, "model", len(inputs))
             found, notes = self._runs(graph, tracer, active)
             in_runs = {id(m) for f in found if not f.run.skipped for m in f.modules}
             called = {id(self.by_path[n.target]) for n in graph.nodes if n.op == "call_module"}
@@ -759,7 +803,8 @@ def _build(found: _Found, opts: _Options) -> LayerReuse:
         with torch.no_grad():
             for name in lr.shared_names():
                 if name in params and params[name].is_floating_point():
-                    params[name].copy_(torch.stack([s[name] for s in sources]).mean(0))
+                    # in float64: the mean of k equal tensors is then exactly that tensor
+                    params[name].copy_(torch.stack([s[name].double() for s in sources]).mean(0))
     return lr
 
 
@@ -971,7 +1016,13 @@ def convert(
             ) from None
     planner, found, notes = _plan(work, opts)
     todo = [f for f in found if not f.run.skipped]
-    lrs = {id(f): _build(f, opts) for f in todo}
+    lrs = {}
+    for f in todo:
+        try:
+            lrs[id(f)] = _build(f, opts)
+        except ReuseError as err:  # a run the planner accepted but LayerReuse refuses: skip it, say why
+            f.run.skipped = f"LayerReuse refused the blocks: {err}"
+    todo = [f for f in todo if id(f) in lrs]
     for f in todo:
         if f.run.via == "sequential":
             _swap_in_sequential(f, lrs[id(f)], planner)
