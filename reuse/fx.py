@@ -580,6 +580,10 @@ class _Planner:
             notes.insert(0, "no run: no two same-structure blocks are called one after the other")
         return opened + found, notes
 
+    def leaf_paths(self) -> list[str]:
+        """Qualified names of the modules kept whole in the final trace."""
+        return [self.path[i] for i in self.leaves]
+
     def _has_candidate_below(self, module: nn.Module) -> bool:
         return any(id(m) in self.candidates for m in module.modules() if m is not module)
 
@@ -808,19 +812,28 @@ def _build(found: _Found, opts: _Options) -> LayerReuse:
     return lr
 
 
-def _swap_in_sequential(found: _Found, lr: LayerReuse, planner: _Planner) -> None:
-    owner = planner.by_path[found.run.owner]
-    names = [planner.parent[id(m)][1] for m in found.modules]
+def _swap_in_sequential(model: nn.Module, run: Run, lr: LayerReuse) -> None:
+    """Put ``lr`` where the run's first block is in its nn.Sequential, and drop the other blocks."""
+    owner = model.get_submodule(run.owner)
+    names = [b.rpartition(".")[2] for b in run.blocks]
     rebuilt = [(k, lr if k == names[0] else v) for k, v in owner._modules.items() if k not in names[1:]]
     owner._modules.clear()
     owner._modules.update(rebuilt)
 
 
-def _swap_in_graph(model: nn.Module, owner_path: str, founds: list[_Found], lrs: list[LayerReuse], planner: _Planner):
+def _swap_in_graph(
+    model: nn.Module, owner_path: str, founds: list[_Found], lrs: list[LayerReuse], planner: _Planner
+) -> tuple[nn.Module, dict[int, str]]:
     """Trace the owner alone, replace each run's calls by one call of its LayerReuse, and put a GraphModule
-    of the result where the owner was. Returns the (possibly new) model and the runs that failed."""
-    owner = planner.by_path[owner_path]
-    tracer = _Tracer(planner.leaves, planner.opts.leaf_types)
+    of the result where the owner was. Returns the (possibly new) model and why runs failed, by run id."""
+    owner = model.get_submodule(owner_path)
+    leaves = set()
+    for path in planner.leaf_paths():  # the same leaves as when the runs were found, in ``model``
+        try:
+            leaves.add(id(model.get_submodule(path)))
+        except AttributeError:  # swapped out of an nn.Sequential already
+            pass
+    tracer = _Tracer(leaves, planner.opts.leaf_types)
     try:
         graph = tracer.trace(owner)
     except Exception as err:
@@ -854,6 +867,17 @@ def _swap_in_graph(model: nn.Module, owner_path: str, founds: list[_Found], lrs:
     parent_path, _, name = owner_path.rpartition(".")
     setattr(model.get_submodule(parent_path), name, gm)
     return model, failed
+
+
+def _copy(model: nn.Module, dropped: list[nn.Module]) -> nn.Module:
+    """A deep copy of ``model`` but for ``dropped`` (blocks about to be swapped out: copying them is wasted)."""
+    try:
+        return copy.deepcopy(model, {id(m): None for m in dropped})
+    except Exception as err:
+        raise ReuseError(
+            f"convert: cannot deep-copy {type(model).__name__} ({type(err).__name__}: {err}); "
+            "pass inplace=True to convert the model itself"
+        ) from None
 
 
 def _options(
@@ -1004,28 +1028,19 @@ def convert(
     if not isinstance(model, nn.Module):
         raise ReuseError(f"convert: needs an nn.Module, got {type(model).__name__}")
     params_before = _count([model])
-    if inplace:
-        work = model
-    else:
-        try:
-            work = copy.deepcopy(model)
-        except Exception as err:
-            raise ReuseError(
-                f"convert: cannot deep-copy {type(model).__name__} ({type(err).__name__}: {err}); "
-                "pass inplace=True to convert the model itself"
-            ) from None
-    planner, found, notes = _plan(work, opts)
+    planner, found, notes = _plan(model, opts)  # reads the model, writes nothing
     todo = [f for f in found if not f.run.skipped]
     lrs = {}
-    for f in todo:
+    for f in todo:  # LayerReuse.from_blocks copies what it takes from the blocks
         try:
             lrs[id(f)] = _build(f, opts)
         except ReuseError as err:  # a run the planner accepted but LayerReuse refuses: skip it, say why
             f.run.skipped = f"LayerReuse refused the blocks: {err}"
     todo = [f for f in todo if id(f) in lrs]
+    work = model if inplace else _copy(model, [m for f in todo if f.run.via == "sequential" for m in f.modules])
     for f in todo:
         if f.run.via == "sequential":
-            _swap_in_sequential(f, lrs[id(f)], planner)
+            _swap_in_sequential(work, f.run, lrs[id(f)])
     owners = sorted({f.run.owner for f in todo if f.run.via == "graph"}, key=lambda p: -p.count(".") - bool(p))
     graph_modules = []
     for owner in owners:
