@@ -61,12 +61,14 @@ _INITS = ("first", "mean")
 class Run:
     """A chain of same-structure blocks, each fed by the previous one's output.
 
-    ``skipped`` is empty for a run that is (or, from :func:`find_runs`, would be) converted, and
-    says why otherwise.
+    A block is one module (``period == 1``: a ResNet bottleneck) or ``period`` consecutive modules whose
+    structures repeat (VGG's conv and ReLU, Swin's alternating blocks); ``blocks`` names every module.
+    ``skipped`` is empty for a run that is (or, from :func:`find_runs`, would be) converted, and says
+    why otherwise.
     """
 
-    blocks: tuple[str, ...]  # qualified names of the blocks, in call order
-    block_type: str  # class name of the blocks
+    blocks: tuple[str, ...]  # qualified names of the modules, in call order: n blocks of ``period`` modules
+    block_type: str  # class name(s) of a block, "Conv2d+ReLU" for a block of several modules
     input_shape: tuple[int, ...] | None = None  # shape the first block sees on the example input
     skipped: str = ""  # why the run is not converted; "" when it is
     shuffle: bool = False  # channel shuffle between uses
@@ -76,19 +78,26 @@ class Run:
     params_after: int = 0  # parameters of the LayerReuse: shared ones once, per-use ones k times
     via: str = ""  # "sequential" (swapped in its nn.Sequential) or "graph" (owner traced into a GraphModule)
     owner: str = ""  # the module whose forward calls the blocks ("" is the model itself)
+    period: int = 1  # modules per block; a block of several is reused as an nn.Sequential of them
 
     @property
     def path(self) -> str:
-        """Where the :class:`~reuse.LayerReuse` sits after conversion: the first block's name."""
+        """Where the :class:`~reuse.LayerReuse` sits after conversion: the first module's name."""
         return self.blocks[0]
 
     @property
     def n(self) -> int:
         """Number of blocks, the uses of the reused block."""
-        return len(self.blocks)
+        return len(self.blocks) // self.period
+
+    @property
+    def units(self) -> list[tuple[str, ...]]:
+        """The blocks, each as the names of its ``period`` modules."""
+        p = self.period
+        return [self.blocks[i : i + p] for i in range(0, len(self.blocks), p)]
 
     def __len__(self) -> int:
-        return len(self.blocks)
+        return self.n
 
 
 @dataclass
@@ -127,11 +136,11 @@ class ConversionReport:
         if self.runs:
             rows = [("run", "k", "block", "input", "shuffle", "params", "status")]
             for r in self.runs:
-                span = r.blocks[0] if len(r) == 1 else f"{r.blocks[0]} .. {r.blocks[-1].rsplit('.', 1)[-1]}"
+                span = _span(list(r.blocks))
                 shape = "x".join(map(str, r.input_shape)) if r.input_shape else "-"
                 params = f"{r.params_before:,} -> {r.params_after:,}" if not r.skipped else f"{r.params_before:,}"
                 status = f"skipped: {r.skipped}" if r.skipped else "converted" + (f" ({r.via})" if r.via else "")
-                rows.append((span, str(len(r)), r.block_type, shape, "yes" if r.shuffle else "no", params, status))
+                rows.append((span, str(r.n), r.block_type, shape, "yes" if r.shuffle else "no", params, status))
             widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
             for row in rows:
                 lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
@@ -502,8 +511,12 @@ class _Found:
     """A run plus what it takes to convert it."""
 
     run: Run
-    modules: list[nn.Module]
+    modules: list[nn.Module]  # every module of the run, in call order
+    units: list[nn.Module]  # its blocks: the modules themselves, or nn.Sequential wrappers of ``period`` modules
     rule: PerUse = "batchnorm"  # the per_use of its LayerReuse
+
+
+MAX_PERIOD = 4  # most modules in one block made of consecutive modules (VGG: conv, BN, ReLU)
 
 
 class _Planner:
@@ -523,7 +536,8 @@ class _Planner:
             self.by_path[name] = m
             for child_name, child in m.named_children():
                 self.parent.setdefault(id(child), (m, child_name))
-        self.candidates = self._candidates(seen)
+        self.shared = {i for i, count in seen.items() if count > 1}  # reachable by several paths
+        self.candidates = self._candidates()
         self.leaf_ids: set[int] = set()
         for leaf in opts.leaf_paths:
             if leaf not in self.by_path:
@@ -537,13 +551,13 @@ class _Planner:
         for name, p in model.named_parameters(remove_duplicate=False):
             self.param_paths.setdefault(id(p), []).append(name)
 
-    def _candidates(self, seen: Counter) -> dict[int, nn.Module]:
+    def _candidates(self) -> dict[int, nn.Module]:
         """Modules with weights, reachable by one path, with a sibling of the same structure."""
         out: dict[int, nn.Module] = {}
         for m in self.by_path.values():
             groups: dict[int, list[nn.Module]] = {}
             for child in m.children():
-                if seen[id(child)] > 1 or isinstance(child, LayerReuse):
+                if id(child) in self.shared or isinstance(child, LayerReuse):
                     continue
                 if not self.struct.weightless(child):
                     groups.setdefault(self.struct.key(child), []).append(child)
@@ -557,14 +571,14 @@ class _Planner:
         if not self.candidates:
             return [], ["no run: no module has a sibling of the same structure"]
         inputs = self.opts.example_inputs or _default_inputs(self.model)
-        self.shapes = _record_shapes(self.model, inputs, self.candidates.values())
+        self.shapes = _record_shapes(self.model, inputs, [m for p, m in self.by_path.items() if p])
         active = set(self.candidates)
         opened: list[_Found] = []
         inside = {i: self._has_candidate_below(m) for i, m in self.candidates.items()}
         while True:
             tracer = self._tracer(active)
             graph = _trace(self.model, tracer, "model", len(inputs))
-            found, notes = self._runs(graph, tracer, active)
+            found, notes = self._runs(graph, tracer)
             in_runs = {id(m) for f in found if not f.run.skipped for m in f.modules}
             called = {id(self.by_path[n.target]) for n in graph.nodes if n.op == "call_module"}
             to_open = {i for i in active & called if inside[i] and i not in in_runs}
@@ -590,98 +604,132 @@ class _Planner:
     def _tracer(self, active: set[int]) -> _Tracer:
         return _Tracer(active | self.leaf_ids, self.opts.leaf_types)
 
-    def _runs(self, graph: fx.Graph, tracer: _Tracer, active: set[int]) -> tuple[list[_Found], list[str]]:
+    def _runs(self, graph: fx.Graph, tracer: _Tracer) -> tuple[list[_Found], list[str]]:
+        """Chains of sibling modules, each call fed only by the previous one, cut into runs."""
         calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
         attrs = [n.target for n in graph.nodes if n.op == "get_attr"]
         nxt: dict[fx.Node, fx.Node] = {}
         notes: list[str] = []
         for n in graph.nodes:
-            m = self._block(n, active)
-            if m is None or len(n.args) != 1 or n.kwargs:
+            m = self._called(n)
+            if m is None or len(n.args) != 1 or n.kwargs or not isinstance(n.args[0], fx.Node):
                 continue
             p = n.args[0]
-            pm = self._block(p, active) if isinstance(p, fx.Node) else None
-            if (
-                pm is None
-                or self.struct.key(pm) != self.struct.key(m)
-                or self.parent[id(pm)][0] is not self.parent[id(m)][0]
-            ):
+            pm = self._called(p)
+            if pm is None or self.parent[id(pm)][0] is not self.parent[id(m)][0]:
                 continue
             if len(p.users) != 1:
-                others = ", ".join(sorted(u.name for u in p.users if u is not n))
-                notes.append(
-                    f"{p.target} -> {n.target}: same structure, but {p.target}'s output also feeds {others}, "
-                    "so they cannot become one reused block"
-                )
+                if id(pm) in self.candidates and self.struct.key(pm) == self.struct.key(m):
+                    others = ", ".join(sorted(u.name for u in p.users if u is not n))
+                    notes.append(
+                        f"{p.target} -> {n.target}: same structure, but {p.target}'s output also feeds {others}, "
+                        "so they cannot become one reused block"
+                    )
                 continue
             nxt[p] = n
         fed = set(nxt.values())
-        starts = [n for n in nxt if n not in fed]
         found = []
-        for start in starts:
+        for start in [n for n in nxt if n not in fed]:
             chain = [start]
             while chain[-1] in nxt:
                 chain.append(nxt[chain[-1]])
-            found += self._segments(chain, calls, attrs, tracer)
+            for period, units in self._periodic(chain):
+                found += self._segments(units, period, calls, attrs, tracer)
         return found, notes
 
-    def _block(self, node: fx.Node, active: set[int]) -> nn.Module | None:
+    def _called(self, node: fx.Node) -> nn.Module | None:
+        """The module a call_module node calls, if it may belong to a run (one path, not a LayerReuse)."""
         if node.op != "call_module":
             return None
         m = self.by_path.get(node.target)
-        return m if m is not None and id(m) in active else None
+        return None if m is None or id(m) in self.shared or isinstance(m, LayerReuse) else m
 
-    def _segments(self, chain: list[fx.Node], calls: Counter, attrs: list[str], tracer: _Tracer) -> list[_Found]:
-        """Split a chain at the blocks that cannot be reused (shape change, several calls) and check the rest."""
-        segments: list[list[fx.Node]] = [[]]
+    def _periodic(self, chain: list[fx.Node]) -> list[tuple[int, list[list[fx.Node]]]]:
+        """Cut a chain of sibling calls into repeats of one block: ``p`` consecutive modules (``p = 1``: a
+        block module, such as a ResNet bottleneck; ``p > 1``: VGG's conv, ReLU or Swin's alternating
+        blocks) whose structures repeat. From left to right, the period covering most modules wins, the
+        smaller one on a tie; a block starts with a module that has weights and is not a norm (conv, BN, ReLU
+        rather than BN, ReLU, conv)."""
+        mods = [self.by_path[n.target] for n in chain]
+        keys = [self.struct.key(m) for m in mods]
+        starts = [not self.struct.weightless(m) and not is_norm(m) for m in mods]
+        out = []
+        i = 0
+        while i < len(chain):
+            best = (1, 0)  # (period, repeats)
+            for p in range(1, MAX_PERIOD + 1):
+                if not starts[i]:
+                    break
+                r = 1
+                while i + (r + 1) * p <= len(chain) and keys[i + r * p : i + (r + 1) * p] == keys[i : i + p]:
+                    r += 1
+                if r >= 2 and r * p > best[0] * best[1]:
+                    best = (p, r)
+            p, r = best
+            if r >= 2:
+                out.append((p, [chain[i + u * p : i + (u + 1) * p] for u in range(r)]))
+                i += p * r
+            else:
+                i += 1
+        return out
+
+    def _segments(
+        self, units: list[list[fx.Node]], period: int, calls: Counter, attrs: list[str], tracer: _Tracer
+    ) -> list[_Found]:
+        """Split repeats at the blocks that cannot be reused (shape change, several calls) and check the rest."""
+        segments: list[list[list[fx.Node]]] = [[]]
         left_out: list[str] = []
-        for n in chain:
-            why = self._block_problem(n, calls)
+        for unit in units:
+            why = self._unit_problem(unit, calls)
             if why:
-                left_out.append(f"{n.target} left out: {why}")
+                left_out.append(f"{_span([n.target for n in unit])} left out: {why}")
                 segments.append([])
             else:
-                segments[-1].append(n)
-        out = []
-        for seg in segments:
-            if not seg:
-                continue
-            mods = [self.by_path[n.target] for n in seg]
-            run = Run(
-                blocks=tuple(n.target for n in seg),
-                block_type=type(mods[0]).__name__,
-                input_shape=self.shapes[id(mods[0])][0][0],
-                note="; ".join(left_out),
-            )
-            found = _Found(run, mods, self._rule(mods))
+                segments[-1].append(unit)
+        out = [self._found(seg, period, "; ".join(left_out), attrs, tracer) for seg in segments if seg]
+        if not out:  # every block was left out: report the repeats themselves
+            found = self._found(units, period, "", attrs, tracer, check=False)
+            found.run.skipped = "; ".join(left_out)
+            out.append(found)
+        return out
+
+    def _found(
+        self,
+        units: list[list[fx.Node]],
+        period: int,
+        note: str,
+        attrs: list[str],
+        tracer: _Tracer,
+        check: bool = True,
+    ) -> _Found:
+        mods = [self.by_path[n.target] for unit in units for n in unit]
+        if period == 1:
+            blocks = mods
+        else:  # a block of several modules becomes an nn.Sequential of them (the modules are not changed)
+            blocks = [nn.Sequential(*mods[u * period : (u + 1) * period]) for u in range(len(units))]
+        run = Run(
+            blocks=tuple(n.target for unit in units for n in unit),
+            block_type="+".join(type(m).__name__ for m in mods[:period]),
+            input_shape=self.shapes[id(mods[0])][0][0] if self.shapes.get(id(mods[0])) else None,
+            note=note,
+            period=period,
+            params_before=_count(mods),
+        )
+        found = _Found(run, mods, blocks, self._rule(blocks))
+        if check:
             run.skipped = self._run_problem(found, attrs, tracer)
             if not run.skipped:
                 self._settle(found)
-            run.params_before = _count(mods)
-            out.append(found)
-        if not out:  # every block of the chain was left out: report the chain itself
-            mods = [self.by_path[n.target] for n in chain]
-            out.append(
-                _Found(
-                    Run(
-                        tuple(n.target for n in chain),
-                        type(mods[0]).__name__,
-                        skipped="; ".join(left_out),
-                        params_before=_count(mods),
-                    ),
-                    mods,
-                )
-            )
-        return out
+        return found
 
-    def _block_problem(self, node: fx.Node, calls: Counter) -> str:
-        m = self.by_path[node.target]
-        if calls[node.target] > 1:
-            return f"called {calls[node.target]} times in the forward (already shared)"
-        recs = self.shapes.get(id(m), [])
-        if len(recs) != 1:
-            return f"called {len(recs)} times on the example input" if recs else "not called on the example input"
-        (x, y) = recs[0]
+    def _unit_problem(self, unit: list[fx.Node], calls: Counter) -> str:
+        for n in unit:
+            if calls[n.target] > 1:
+                return f"{n.target} is called {calls[n.target]} times in the forward (already shared)"
+            recs = self.shapes.get(id(self.by_path[n.target]), [])
+            if len(recs) != 1:
+                return f"called {len(recs)} times on the example input" if recs else "not called on the example input"
+        x, y = self.shapes[id(self.by_path[unit[0].target])][0][0], self.shapes[id(self.by_path[unit[-1].target])][0][1]
         if x is None or y is None:
             return "does not map one tensor to one tensor"
         if x != y:
@@ -690,8 +738,8 @@ class _Planner:
 
     def _run_problem(self, found: _Found, attrs: list[str], tracer: _Tracer) -> str:
         run, mods = found.run, found.modules
-        if len(mods) < self.opts.min_run:
-            return f"{len(mods)} block(s) in a row, fewer than min_run={self.opts.min_run}"
+        if run.n < self.opts.min_run:
+            return f"{run.n} block(s) in a row, fewer than min_run={self.opts.min_run}"
         prefixes = tuple(b + "." for b in run.blocks)
         read = [a for a in attrs if a.startswith(prefixes)]
         if read:
@@ -710,35 +758,35 @@ class _Planner:
         if len(owners) != 1:
             return f"its blocks are called from different modules ({', '.join(sorted(owners))})"
         run.owner = owners.pop()
-        if _shared_count(mods[0], found.rule) == 0:
+        if _shared_count(found.units[0], found.rule) == 0:
             return "nothing to share: every parameter is per use"
         return ""
 
-    def _rule(self, mods: list[nn.Module]) -> PerUse:
+    def _rule(self, blocks: list[nn.Module]) -> PerUse:
         """The per-use rule of a run: the option, plus its weightless modules that differ between blocks."""
-        classes = self._per_use_classes(mods)
+        classes = self._per_use_classes(blocks)
         return _KeepPerUse(self.opts.per_use, classes) if classes else self.opts.per_use
 
-    def _per_use_classes(self, mods: list[nn.Module]) -> tuple[type[nn.Module], ...]:
+    def _per_use_classes(self, blocks: list[nn.Module]) -> tuple[type[nn.Module], ...]:
         """Classes of block 0's weightless submodules that differ (class or settings) in another block."""
         classes: list[type[nn.Module]] = []
-        first = mods[0]
+        first = blocks[0]
         for name, sub in first.named_modules():
-            if not self.struct.weightless(sub):
+            if not name or not self.struct.weightless(sub):
                 continue
-            parent = first.get_submodule(name.rsplit(".", 1)[0]) if "." in name else first
-            if name and self.struct.weightless(parent) and parent is not first:
+            parent = first.get_submodule(name.rpartition(".")[0])
+            if parent is not first and self.struct.weightless(parent):
                 continue  # inside a larger weightless subtree
-            if any(self.struct.full_key(o.get_submodule(name)) != self.struct.full_key(sub) for o in mods[1:]):
+            if any(self.struct.full_key(o.get_submodule(name)) != self.struct.full_key(sub) for o in blocks[1:]):
                 if type(sub) not in classes:
                     classes.append(type(sub))
         return tuple(classes)
 
     def _settle(self, found: _Found) -> None:
         """Decide shuffle, per-use classes, how the run is swapped in, and the parameter counts."""
-        run, mods = found.run, found.modules
+        run, mods, block = found.run, found.modules, found.units[0]
         run.per_use = tuple(c.__name__ for c in getattr(found.rule, "classes", ()))
-        run.shuffle, why = _shuffle_choice(self.opts.shuffle, self.opts.groups, run.input_shape, mods[0])
+        run.shuffle, why = _shuffle_choice(self.opts.shuffle, self.opts.groups, run.input_shape, block)
         if why:
             run.note = "; ".join(filter(None, [why, run.note]))
         owner = self.by_path[run.owner]
@@ -747,9 +795,13 @@ class _Planner:
         in_owner = all(self.parent[id(m)][0] is owner for m in mods)
         consecutive = in_owner and keys[keys.index(names[0]) : keys.index(names[0]) + len(names)] == names
         run.via = "sequential" if type(owner).forward is nn.Sequential.forward and consecutive else "graph"
-        run.params_after = _shared_count(mods[0], found.rule) + len(mods) * _count(
-            [mods[0]], _base_predicate(found.rule)
-        )
+        per_use = _count([block], _base_predicate(found.rule))
+        run.params_after = _shared_count(block, found.rule) + run.n * per_use
+
+
+def _span(names: list[str]) -> str:
+    """``a.1 .. 3`` for a.1, a.2, a.3."""
+    return names[0] if len(names) == 1 else f"{names[0]} .. {names[-1].rpartition('.')[2]}"
 
 
 def _count(mods: Iterable[nn.Module], keep: Callable[[nn.Module], bool] | None = None) -> int:
@@ -798,11 +850,11 @@ def _shuffle_choice(requested: bool, groups: int, shape: _Shape, block: nn.Modul
 
 
 def _build(found: _Found, opts: _Options) -> LayerReuse:
-    run, mods = found.run, found.modules
-    lr = LayerReuse.from_blocks(mods, shuffle=run.shuffle, groups=opts.groups, per_use=found.rule)
-    lr.training = mods[0].training
+    run, blocks = found.run, found.units
+    lr = LayerReuse.from_blocks(blocks, shuffle=run.shuffle, groups=opts.groups, per_use=found.rule)
+    lr.training = found.modules[0].training
     if opts.init == "mean":
-        sources = [dict(m.named_parameters(remove_duplicate=False)) for m in mods]
+        sources = [dict(m.named_parameters(remove_duplicate=False)) for m in blocks]
         params = dict(lr.uses[0].named_parameters(remove_duplicate=False))
         with torch.no_grad():
             for name in lr.shared_names():

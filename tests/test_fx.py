@@ -116,14 +116,15 @@ def tie_runs(model: nn.Module, runs: list[reuse.fx.Run]) -> None:
         for run in runs:
             if run.skipped:
                 continue
-            first = model.get_submodule(run.blocks[0])
-            for name in run.blocks[1:]:
-                for (_, m0), (_, mi) in zip(first.named_modules(), model.get_submodule(name).named_modules()):
-                    if is_batchnorm(m0):
-                        continue
-                    for key, t in [*m0._parameters.items(), *m0._buffers.items()]:
-                        if t is not None:
-                            getattr(mi, key).copy_(t)
+            first, *others = run.units
+            for unit in others:
+                for a, b in zip(first, unit):
+                    for m0, mi in zip(model.get_submodule(a).modules(), model.get_submodule(b).modules()):
+                        if is_batchnorm(m0):
+                            continue
+                        for key, t in [*m0._parameters.items(), *m0._buffers.items()]:
+                            if t is not None:
+                                getattr(mi, key).copy_(t)
 
 
 def params(model: nn.Module) -> int:
@@ -140,6 +141,7 @@ def state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 EXACT = {
     "resnet18": lambda: torchvision.models.resnet18(),
+    "small_swin": lambda: torchvision.models.SwinTransformer([4, 4], 16, [2, 2, 4, 2], [1, 1, 2, 2], [4, 4]),
     "resnet50": lambda: torchvision.models.resnet50(),
     "mobilenet_v2": lambda: torchvision.models.mobilenet_v2(),
     "efficientnet_b0": lambda: torchvision.models.efficientnet_b0(),  # stochastic depth kept per use
@@ -332,6 +334,36 @@ def test_stochastic_depth_is_kept_per_use() -> None:
     assert new[1].uses[1].conv is new[1].uses[0].conv
 
 
+def test_blocks_of_several_modules() -> None:
+    # VGG-like: (conv, BN, ReLU) x 3, a pool, then alternating blocks A, B, A, B (like Swin's shifted windows).
+    torch.manual_seed(0)
+    a, b = (lambda: Residual(8, k=3)), (lambda: Residual(8, k=1))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        *[m for _ in range(3) for m in (nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())],
+        nn.MaxPool2d(2),
+        a(),
+        b(),
+        a(),
+        b(),
+        a(),
+    ).eval()
+    randomize_norms(model)
+    x = torch.randn(2, 3, 8, 8)
+    runs = [r for r in reuse.find_runs(model, example_inputs=x) if not r.skipped]
+    assert [(r.period, r.n, r.units[0]) for r in runs] == [(3, 3, ("1", "2", "3")), (2, 2, ("11", "12"))]
+    assert runs[0].block_type == "Conv2d+BatchNorm2d+ReLU"
+    tie_runs(model, runs)
+    new, rep = reuse.convert(model, shuffle=False, example_inputs=x, report=True)
+    assert isinstance(new[1], LayerReuse) and new[1].n == 3 and isinstance(new[1].block, nn.Sequential)
+    assert list(new._modules) == ["0", "1", "10", "11", "15"]  # the LayerReuse sit at their first module's name
+    assert type(new[2]) is nn.MaxPool2d and isinstance(new[3], LayerReuse) and type(new[4]) is Residual
+    with torch.no_grad():
+        torch.testing.assert_close(new(x), model(x))
+    vgg_conv, residual_pair = 8 * 8 * 9 + 8, 8 * 8 * 9 + 8 * 8  # a run keeps one set of shared weights
+    assert rep.params_before - rep.params_after == 2 * vgg_conv + 1 * residual_pair
+
+
 def test_different_activations_are_different_structures() -> None:
     model = nn.Sequential(nn.Conv2d(3, 8, 1), conv_bn(8), conv_bn(8), conv_bn(8))
     model[2][2] = nn.GELU()
@@ -513,64 +545,73 @@ def test_not_a_module() -> None:
 # Property tests on generated stacks of blocks
 # --------------------------------------------------------------------------------------------------
 
-KINDS = ("conv", "residual", "dropout")
+KINDS = ("conv", "residual", "dropout", "pair")
+
+
+def block_modules(draw: st.DrawFn, cfg: tuple) -> list[nn.Module]:
+    """The modules of one block: one module, or two for a pair (a block of two modules)."""
+    kind, c, k, groups = cfg
+    if kind == "conv":
+        return [conv_bn(c, k, groups)]
+    if kind == "residual":  # each with its own stochastic-depth rate, kept per use
+        return [Residual(c, k, drop=draw(st.sampled_from([0.0, 0.1, 0.2])))]
+    if kind == "dropout":  # each with its own dropout rate, kept per use
+        return [conv_bn(c, k, groups).append(nn.Dropout(draw(st.sampled_from([0.0, 0.1, 0.3]))))]
+    return [Residual(c, 3), Residual(c, 1)]  # alternating blocks, like Swin's shifted windows
+
+
+def shared_params(cfg: tuple) -> int:
+    """Weights a block shares between uses (its convolutions; the BatchNorms stay per use)."""
+    kind, c, k, groups = cfg
+    if kind == "pair":
+        return c * c * 9 + c * c
+    return c * c // groups * k * k
 
 
 @st.composite
-def stacks(draw: st.DrawFn) -> tuple[nn.Sequential, list[tuple[str, ...]], int, list[tuple]]:
-    """A stem, then segments of blocks; a segment repeats one block config k times; a width change
-    (1x1 conv) sometimes separates two segments. Returns the model, the runs expected by construction,
-    the parameters a converted model saves, and the configs."""
+def stacks(draw: st.DrawFn) -> tuple[nn.Sequential, list[tuple[tuple[str, ...], int]], int]:
+    """A stem, then segments that each repeat one block 1-3 times. A segment either goes on with the
+    block of the one before (no separator: the two merge into one run) or starts after a separator conv
+    found nowhere else (kernel 2j+1 for the j-th), which may change the width. So the runs expected are
+    the segments of at least two blocks. Returns the model, the expected runs (module names, period)
+    and the parameters a converted model saves."""
     c = draw(st.sampled_from([4, 6, 8]))
     layers: list[nn.Module] = [nn.Conv2d(3, c, 3, padding=1)]
-    segments: list[tuple[tuple, list[str]]] = []  # consecutive blocks with one config
-    saved = 0
-    for _ in range(draw(st.integers(1, 3))):
-        if draw(st.booleans()):
+    segments: list[tuple[tuple, list[str]]] = []
+    for j in range(draw(st.integers(1, 3))):
+        if not (segments and draw(st.booleans())):
             c_new = draw(st.sampled_from([4, 6, 8]))
-            layers.append(nn.Conv2d(c, c_new, 1))
+            layers.append(nn.Conv2d(c, c_new, 2 * j + 1, padding=j))  # the separator
             c = c_new
-            segments.append(((), []))  # breaks any run
-        kind = draw(st.sampled_from(KINDS))
-        k = draw(st.sampled_from([1, 3]))
-        groups = 1 if kind == "residual" else draw(st.sampled_from([g for g in (1, 2) if c % g == 0]))
-        n = draw(st.integers(1, 4))
-        cfg = (kind, c, k, groups)
-        names = []
-        for _ in range(n):
-            names.append(str(len(layers)))
-            if kind == "conv":
-                layers.append(conv_bn(c, k, groups))
-            elif kind == "residual":
-                layers.append(Residual(c, k, drop=draw(st.sampled_from([0.0, 0.1, 0.2]))))
-            else:
-                conv = conv_bn(c, k, groups)
-                conv.append(nn.Dropout(draw(st.sampled_from([0.0, 0.1, 0.3]))))
-                layers.append(conv)
-        if segments and segments[-1][0] == cfg:
-            segments[-1][1].extend(names)
-        else:
-            segments.append((cfg, names))
-    runs = []
+            kind = draw(st.sampled_from(KINDS))
+            k = 0 if kind == "pair" else draw(st.sampled_from([1, 3]))
+            groups = 1 if kind in ("residual", "pair") else draw(st.sampled_from([g for g in (1, 2) if c % g == 0]))
+            segments.append(((kind, c, k, groups), []))
+        cfg, names = segments[-1]
+        for _ in range(draw(st.integers(1, 3))):
+            for m in block_modules(draw, cfg):
+                names.append(str(len(layers)))
+                layers.append(m)
+    runs, saved = [], 0
     for cfg, names in segments:
-        if len(names) >= 2:
-            runs.append(tuple(names))
-            kind, ch, k, groups = cfg
-            shared = ch * ch // (1 if kind == "residual" else groups) * k * k  # conv weights (no bias)
-            saved += (len(names) - 1) * shared
-    return nn.Sequential(*layers), runs, saved, [cfg for cfg, _ in segments]
+        period = 2 if cfg[0] == "pair" else 1
+        n = len(names) // period
+        if n >= 2:
+            runs.append((tuple(names), period))
+            saved += (n - 1) * shared_params(cfg)
+    return nn.Sequential(*layers), runs, saved
 
 
 @settings(max_examples=25, deadline=None)
 @given(stacks(), st.integers(0, 2**16))
 def test_generated_stacks(stack: tuple, seed: int) -> None:
-    model, expected, saved, _ = stack
+    model, expected, saved = stack
     torch.manual_seed(seed)
     model.eval()
     randomize_norms(model, seed)
     x = torch.randn(2, 3, 5, 5)
     runs = reuse.find_runs(model, example_inputs=x)
-    assert [r.blocks for r in runs if not r.skipped] == expected
+    assert [(r.blocks, r.period) for r in runs if not r.skipped] == expected
     new, rep = reuse.convert(model, example_inputs=x, report=True)
     assert rep.params_before - rep.params_after == saved
     for run in rep.converted:  # shuffle exactly where the paper's shuffle fits the channels
