@@ -390,13 +390,13 @@ def _trace(root: nn.Module, tracer: _Tracer, what: str, given: int = 1) -> fx.Gr
         where = f"in module '{path}' ({cls})" if path else f"in the forward of {cls} itself"
         msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
         if path:
-            parent = path.rsplit(".", 1)[0] if "." in path else ""
             fix = (
-                f"pass leaf_modules=[{cls}] (or leaf_modules=['{path}']) to keep that module whole, unconverted; "
-                f"or convert a submodule FX can trace, e.g. convert({what}{'.' + parent if parent else ''}...)"
+                f"pass leaf_modules=[{cls}] (or leaf_modules=['{path}']) so that tracing keeps that module whole "
+                "(blocks inside it are then left as they are), or convert the submodules that hold your blocks "
+                f"one by one (convert({what}.<submodule>))"
             )
         else:
-            fix = f"convert the submodules that hold the blocks instead, e.g. convert({what}.<stage>)"
+            fix = f"convert the submodules that hold your blocks one by one instead (convert({what}.<submodule>))"
         raise ReuseError(
             f"convert: torch.fx cannot trace {type(root).__name__} {where}: "
             f"{type(err).__name__}: {msg} at {_failing_line(err)}; {fix}"
