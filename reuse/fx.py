@@ -10,14 +10,16 @@ How a run is found:
 
 1. Modules that have a sibling of the same *structure* are candidate blocks: same classes module by
    module, same hyperparameters (the non-tensor settings in each module's ``__dict__`` and its
-   ``extra_repr``), same parameter and buffer shapes. Submodules without weights (activations,
-   dropout, drop-path) may differ: they are kept one per use, like BatchNorm.
+   ``extra_repr``), same parameter and buffer shapes. Submodules without weights may differ in their
+   settings (drop-path rates), and ``nn.Identity`` counts as a drop-path of rate 0: such modules are
+   kept one per use, like BatchNorm.
 2. The model is traced with ``torch.fx``, candidate blocks kept as leaves, so a run shows as a chain
    of calls ``blocks.1 -> blocks.2 -> ...`` whatever the container (``nn.Sequential``, a
    ``ModuleList`` looped over in ``forward``, timm stages).
-3. A run is two or more such calls in a row, each one's only input the previous one's output (which
-   nothing else reads), of blocks whose output shape equals their input shape on an example input.
-   Shapes come from one forward pass on the ``meta`` device, so no arithmetic is done.
+3. A run is two or more blocks called in a row, each one's only input the previous one's output (which
+   nothing else reads), whose output shape equals their input shape on an example input. A block is
+   one module, or a few consecutive sibling modules whose structures repeat (VGG's conv, BN, ReLU;
+   Swin's alternating blocks). Shapes come from one forward pass on the ``meta`` device: no arithmetic.
 
 Where the blocks sit in an ``nn.Sequential``, the run is swapped in place and the model keeps its
 class; elsewhere (a ``ModuleList`` looped over in a custom ``forward``) the module whose ``forward``
@@ -348,7 +350,7 @@ def _timm_notrace_functions() -> tuple[Callable, ...]:
     return tuple(f for f in fx_registry.get_notrace_functions() if callable(f))
 
 
-_TORCH_DIR = os.path.dirname(torch.__file__)
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep  # with the separator: torchvision is model code
 _THIS_FILE = os.path.abspath(__file__)
 
 
@@ -448,9 +450,15 @@ def _record_shapes(
         x = args[0] if len(args) == 1 and not kwargs else None
         records.setdefault(id(module), []).append((_shape(x), _shape(out)))
 
-    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in modules]
+    handles = []
+    for m in modules:
+        try:
+            handles.append(m.register_forward_hook(hook, with_kwargs=True))
+        except Exception:  # a module that takes no hooks (TorchScript) is simply not measured
+            pass
     modes = [(m, m.training) for m in model.modules()]
-    model.eval()
+    for m, _ in modes:  # eval mode, set directly: a custom train() may do more than set the flag
+        m.training = False
     try:
         try:
             tensors = {n: torch.empty_like(t, device="meta") for n, t in model.named_parameters()}
