@@ -990,9 +990,19 @@ def _options(
     )
 
 
-def _plan(model: nn.Module, opts: _Options) -> tuple[_Planner, list[_Found], list[str]]:
+def _check_model(model: object) -> None:
     if not isinstance(model, nn.Module):
         raise ReuseError(f"convert: needs an nn.Module, got {type(model).__name__}")
+    lazy = [n for n, p in model.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)]
+    if lazy:
+        raise ReuseError(
+            f"convert: {type(model).__name__} has uninitialized lazy parameters ({lazy[0]}, ...); "
+            "run one forward pass first so that their shapes are known"
+        )
+
+
+def _plan(model: nn.Module, opts: _Options) -> tuple[_Planner, list[_Found], list[str]]:
+    _check_model(model)
     planner = _Planner(model, opts)
     found, notes = planner.plan()
     return planner, found, notes
@@ -1085,8 +1095,7 @@ def convert(
         'BasicBlock'
     """
     opts = _options(min_run, shuffle, groups, init, per_use, leaf_modules, example_inputs, level)
-    if not isinstance(model, nn.Module):
-        raise ReuseError(f"convert: needs an nn.Module, got {type(model).__name__}")
+    _check_model(model)
     params_before = _count([model])
     planner, found, notes = _plan(model, opts)  # reads the model, writes nothing
     todo = [f for f in found if not f.run.skipped]

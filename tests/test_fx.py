@@ -364,6 +364,18 @@ def test_blocks_of_several_modules() -> None:
     assert rep.params_before - rep.params_after == 2 * vgg_conv + 1 * residual_pair
 
 
+def test_drop_path_rates_of_real_models_are_kept_per_use() -> None:
+    # torchvision's EfficientNet raises the stochastic-depth rate block by block.
+    runs = reuse.find_runs(torchvision.models.efficientnet_b0())
+    assert runs and all(r.per_use == ("StochasticDepth",) for r in runs)
+    # timm's ConvNeXt holds nn.Identity in the network's first block (rate 0) and DropPath in the others.
+    model = timm.create_model("convnext_atto", drop_path_rate=0.1)
+    new = reuse.convert(model)
+    uses = new.stages[0].blocks[0].uses
+    assert type(uses[0].drop_path) is nn.Identity
+    assert [u.drop_path.drop_prob for u in uses[1:]] == [b.drop_path.drop_prob for b in model.stages[0].blocks[1:]]
+
+
 def test_different_activations_are_different_structures() -> None:
     model = nn.Sequential(nn.Conv2d(3, 8, 1), conv_bn(8), conv_bn(8), conv_bn(8))
     model[2][2] = nn.GELU()
@@ -543,6 +555,9 @@ def test_bad_options(kwargs: dict, match: str) -> None:
 def test_not_a_module() -> None:
     with pytest.raises(ReuseError, match="needs an nn.Module, got function"):
         reuse.convert(lambda x: x)  # type: ignore[arg-type]
+    lazy = nn.Sequential(nn.LazyConv2d(8, 1), nn.LazyConv2d(8, 1))
+    with pytest.raises(ReuseError, match=r"uninitialized lazy parameters \(0.weight, ...\); run one forward pass"):
+        reuse.find_runs(lazy)
     with pytest.raises(ReuseError, match="cannot guess an input"):
         reuse.convert(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)))
 
