@@ -3,7 +3,9 @@
 Each model is built without pretrained weights, converted, run forward and backward in train mode, and
 checked: the model handed in is untouched, every parameter of the converted one gets a gradient, it has no
 more parameters than the original, the report agrees with the model (parameter counts, one LayerReuse per
-converted run), and a model with no run comes back unchanged with a report that says why.
+converted run), and a model with no run comes back unchanged with a report that says why. For the models
+run for real, the exactness invariant too: the blocks of every run given the same weights, the converted
+model without shuffle computes the same outputs in eval mode.
 
 Models up to ``REAL_MAX_PARAMS`` parameters run for real on a small input (32x32, batch 2). Larger models,
 and those that only accept their native input size, are built and run on the ``meta`` device: the
@@ -27,6 +29,7 @@ import pytest
 import timm
 import torch
 import torchvision
+from test_fx import randomize_norms, tie_runs  # pytest (import mode "prepend") puts tests/ on sys.path
 from torch import nn
 
 import reuse
@@ -232,6 +235,17 @@ def check(case: Case) -> Outcome:
     loss.backward()
     missing = [n for n, p in new.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, f"no gradient for {missing[:5]}"
+
+    # Exactness (real models): with the blocks of every run sharing weights, the converted model without
+    # shuffle computes the same function in eval mode.
+    if not meta and rep.converted:
+        model.eval()
+        randomize_norms(model)
+        tie_runs(model, rep.converted)
+        exact = reuse.convert(model, shuffle=False, example_inputs=x).eval()
+        with torch.no_grad():
+            for a, b in zip(_tensors(exact(x)), _tensors(model(x)), strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     return Outcome(
         case.id,
         "meta" if meta else "cpu",
