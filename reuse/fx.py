@@ -45,7 +45,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from reuse._errors import ReuseError
-from reuse.layer import LayerReuse, PerUse, is_batchnorm, is_norm
+from reuse.layer import LayerReuse, PerUse, _per_use_predicate, is_norm
 from reuse.shuffle import check_shuffle
 
 __all__ = ["ConversionReport", "Run", "convert", "find_runs"]
@@ -266,16 +266,6 @@ def _weightless(module: nn.Module) -> bool:
     return next(module.parameters(), None) is None and next(module.buffers(), None) is None
 
 
-def _base_predicate(per_use: PerUse) -> Callable[[nn.Module], bool]:
-    if per_use == "batchnorm":
-        return is_batchnorm
-    if per_use == "norms":
-        return is_norm
-    if callable(per_use):
-        return per_use
-    raise ReuseError(f"convert: per_use must be 'batchnorm', 'norms' or a predicate on modules, got {per_use!r}")
-
-
 class _KeepPerUse:
     """Per-use rule of a converted run: the ``per_use`` option, plus the weightless modules of the given
     classes (drop-path, stochastic depth: modules whose settings differ from block to block).
@@ -298,7 +288,7 @@ class _KeepPerUse:
     def __call__(self, module: nn.Module) -> bool:
         if isinstance(module, self.classes) and _weightless(module):
             return True
-        return _base_predicate(self.base)(module)
+        return _per_use_predicate(self.base)(module)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -803,7 +793,7 @@ class _Planner:
         in_owner = all(self.parent[id(m)][0] is owner for m in mods)
         consecutive = in_owner and keys[keys.index(names[0]) : keys.index(names[0]) + len(names)] == names
         run.via = "sequential" if type(owner).forward is nn.Sequential.forward and consecutive else "graph"
-        per_use = _count([block], _base_predicate(found.rule))
+        per_use = _count([block], _per_use_predicate(found.rule))
         run.params_after = _shared_count(block, found.rule) + run.n * per_use
 
 
@@ -832,7 +822,7 @@ def _selected(module: nn.Module, keep: Callable[[nn.Module], bool]) -> list[nn.M
 
 
 def _shared_count(block: nn.Module, rule: PerUse) -> int:
-    return _count([block]) - _count([block], _base_predicate(rule))
+    return _count([block]) - _count([block], _per_use_predicate(rule))
 
 
 def _shuffle_choice(requested: bool, groups: int, shape: _Shape, block: nn.Module) -> tuple[bool, str]:
@@ -960,7 +950,10 @@ def _options(
         raise ReuseError(f"convert: groups must be a positive int (the channel shuffle's groups), got {groups!r}")
     if init not in _INITS:
         raise ReuseError(f"convert: init must be 'first' or 'mean', got {init!r}")
-    _base_predicate(per_use)  # type: ignore[arg-type]
+    try:
+        _per_use_predicate(per_use)  # type: ignore[arg-type]
+    except ReuseError as err:
+        raise ReuseError(f"convert: {err}") from None
     leaf_types, leaf_paths = [], []
     for leaf in leaf_modules if isinstance(leaf_modules, (list, tuple, set, frozenset)) else [leaf_modules]:
         if isinstance(leaf, type) and issubclass(leaf, nn.Module):
