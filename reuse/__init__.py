@@ -28,9 +28,13 @@ __all__ = [
     "KernelReuseConv2d",
     "filter_reuse",
     "kernel_reuse",
+    "ConversionReport",
+    "convert",
+    "find_runs",
 ]
 
 from reuse.filter import FilterBank, FilterReuseConv2d, filter_reuse
+from reuse.fx import ConversionReport, convert, find_runs
 from reuse.kernel import KernelBank, KernelReuseConv2d, kernel_reuse
 from reuse.layer import LayerReuse, is_batchnorm, is_norm, wrap
 from reuse.shuffle import ChannelShuffle, channel_shuffle, shuffle_permutation

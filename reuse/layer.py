@@ -196,7 +196,7 @@ class LayerReuse(nn.Module):
         first = copy.deepcopy(blocks[0])
         self = cls(first, n=1, shuffle=shuffle, groups=groups, swap_halves=swap_halves, per_use=per_use)
         for i, other in enumerate(blocks[1:], start=1):
-            _check_same_structure(blocks[0], other, i)
+            _check_same_structure(blocks[0], other, i, is_per_use)
             self.uses.append(_clone_for_use(first, is_per_use, source=other))
         self.n = len(blocks)
         return self
@@ -270,15 +270,29 @@ def _check_args(block: object, n: object, groups: object) -> None:
         raise ReuseError(f"LayerReuse: groups must be a positive int that divides the channels, got {groups!r}")
 
 
-def _structure(module: nn.Module) -> list[tuple[str, str, tuple]]:
-    return [
-        (name, type(m).__name__, tuple((p, tuple(t.shape)) for p, t in m.named_parameters(recurse=False)))
-        for name, m in module.named_modules()
-    ]
+def _shapes(module: nn.Module, recurse: bool) -> list[tuple[str, tuple[int, ...]]]:
+    return [(n, tuple(t.shape)) for n, t in module.named_parameters(recurse=recurse, remove_duplicate=False)]
 
 
-def _check_same_structure(first: nn.Module, other: nn.Module, index: int) -> None:
-    if _structure(first) != _structure(other):
+def _same_structure(template: nn.Module, other: nn.Module, is_per_use: Callable[[nn.Module], bool]) -> bool:
+    """Whether ``other`` fits where ``template`` is, as :func:`_clone_for_use` uses it: a per-use module
+    (decided on the template, like there) is copied whole from ``other``, so it needs only the same
+    parameter shapes (a block's ``nn.Identity`` where the others hold ``DropPath`` is fine); any other
+    module must have the same class, parameter shapes and children."""
+    if is_per_use(template):
+        return _shapes(template, True) == _shapes(other, True)
+    if type(template) is not type(other) or _shapes(template, False) != _shapes(other, False):
+        return False
+    names = [n for n, c in template.named_children()]
+    if names != [n for n, c in other.named_children()]:
+        return False
+    return all(_same_structure(c, other.get_submodule(n), is_per_use) for n, c in template.named_children())
+
+
+def _check_same_structure(
+    first: nn.Module, other: nn.Module, index: int, is_per_use: Callable[[nn.Module], bool]
+) -> None:
+    if not _same_structure(first, other, is_per_use):
         raise ReuseError(
             f"LayerReuse.from_blocks: block {index} ({type(other).__name__}) differs in structure from block 0 "
             f"({type(first).__name__}); all blocks must have the same submodules and parameter shapes"
