@@ -45,12 +45,14 @@ import torch
 from torch import Tensor, fx, nn
 
 from reuse._errors import ReuseError
+from reuse.filter import FilterReuseConv2d, filter_reuse
+from reuse.kernel import KernelReuseConv2d, kernel_reuse
 from reuse.layer import LayerReuse, PerUse, _per_use_predicate, is_norm
 from reuse.shuffle import check_shuffle
 
 __all__ = ["ConversionReport", "Run", "convert", "find_runs"]
 
-_LEVELS = ("layer",)
+_LEVELS = ("layer", "filter", "kernel")
 _INITS = ("first", "mean")
 
 
@@ -930,6 +932,25 @@ def _copy(model: nn.Module, dropped: list[nn.Module]) -> nn.Module:
         ) from None
 
 
+def _convert_banked(
+    model: nn.Module, level: str, bank_size: int | float | None, mode: str, inplace: bool, before: int, report: bool
+) -> nn.Module | tuple[nn.Module, ConversionReport]:
+    """``convert(level="filter"|"kernel")``: every compatible conv draws its weight from a shared bank."""
+    grain = {"filter": filter_reuse, "kernel": kernel_reuse}[level]
+    work = grain(model, bank_size, mode, inplace=inplace)  # type: ignore[arg-type]
+    banked = [m for m in work.modules() if isinstance(m, (FilterReuseConv2d, KernelReuseConv2d))]
+    banks = {id(m.bank) for m in banked}
+    rep = ConversionReport(
+        model=type(model).__name__,
+        params_before=before,
+        params_after=_count([work]),
+        notes=[f"level={level!r}: {len(banked)} conv(s) draw their weights from {len(banks)} shared bank(s)"],
+        options=dict(level=level, bank_size=bank_size, mode=mode),
+    )
+    work.reuse_report = rep
+    return (work, rep) if report else work
+
+
 def _options(
     min_run: object,
     shuffle: object,
@@ -942,7 +963,7 @@ def _options(
 ) -> _Options:
     if level not in _LEVELS:
         raise ReuseError(
-            f"convert: level={level!r} is not available; only level='layer' (whole blocks reused) is implemented"
+            f"convert: level must be 'layer' (whole blocks), 'filter' or 'kernel' (shared banks), got {level!r}"
         )
     if isinstance(min_run, bool) or not isinstance(min_run, int) or min_run < 2:
         raise ReuseError(f"convert: min_run must be an int >= 2 (blocks in a run), got {min_run!r}")
@@ -1037,6 +1058,8 @@ def convert(
     per_use: PerUse = "batchnorm",
     example_inputs: Tensor | tuple | None = None,
     report: bool = False,
+    bank_size: int | float | None = None,
+    mode: str = "index",
 ) -> nn.Module | tuple[nn.Module, ConversionReport]:
     """Replace each run of same-structure stacked blocks in ``model`` by one reused block.
 
@@ -1055,12 +1078,17 @@ def convert(
         init: shared weights from the ``"first"`` block of each run or the ``"mean"`` of its blocks.
         leaf_modules: module classes or qualified names that tracing must not enter (for code FX cannot trace).
         inplace: convert ``model`` itself instead of a deep copy.
-        level: grain of reuse; only ``"layer"`` (whole blocks) for now.
+        level: grain of reuse: ``"layer"`` (runs of whole blocks, the default), ``"filter"`` or ``"kernel"``
+            (every compatible conv draws its filters or kernels from a bank shared by all convs of its shape:
+            :func:`reuse.filter_reuse`, :func:`reuse.kernel_reuse`; ``bank_size`` and ``mode`` go to them).
         per_use: which modules each use gets its own copy of (see :data:`reuse.layer.PerUse`); weightless
             modules whose settings differ between blocks (drop-path rates) are always kept per use.
         example_inputs: input(s) of ``forward`` used to read the shapes (on the meta device, no arithmetic);
             by default ``(1, C, 224, 224)`` from timm's ``pretrained_cfg`` or the first convolution.
         report: also return the :class:`ConversionReport`.
+        bank_size: with ``level="filter"|"kernel"``: entries per bank (int), a fraction of what the bank
+            replaces (float), or None (full size: the model computes exactly what it did).
+        mode: with ``level="filter"|"kernel"``: ``"index"`` or ``"mix"``.
 
     Returns:
         The converted model, with the report as its ``reuse_report`` attribute; ``(model, report)`` when
@@ -1090,6 +1118,8 @@ def convert(
     opts = _options(min_run, shuffle, groups, init, per_use, leaf_modules, example_inputs, level)
     _check_model(model)
     params_before = _count([model])
+    if level != "layer":
+        return _convert_banked(model, level, bank_size, mode, inplace, params_before, report)
     planner, found, notes = _plan(model, opts)  # reads the model, writes nothing
     todo = [f for f in found if not f.run.skipped]
     lrs = {}

@@ -535,8 +535,8 @@ def test_untraceable_root_forward() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"level": "filter"}, r"level='filter' is not available"),
-        ({"level": "kernel"}, r"only level='layer'"),
+        ({"level": "block"}, r"level must be 'layer' \(whole blocks\), 'filter' or 'kernel'"),
+        ({"level": "filter", "mode": "soft"}, r"mode"),
         ({"min_run": 1}, r"min_run must be an int >= 2"),
         ({"init": "avg"}, r"init must be 'first' or 'mean'"),
         ({"groups": 0}, r"groups must be a positive int"),
@@ -650,3 +650,22 @@ def test_deepcopy_of_a_converted_model_keeps_sharing() -> None:
     new = reuse.convert(stacked(n=3), example_inputs=torch.randn(1, 3, 8, 8))
     twin = copy.deepcopy(new)
     assert twin[1].uses[1][0] is twin[1].uses[0][0] and twin[1].uses[0][0] is not new[1].uses[0][0]
+
+
+@pytest.mark.parametrize("level", ["filter", "kernel"])
+def test_level_chooses_the_grain(level: str) -> None:
+    """level='filter'|'kernel' banks the convs: exact at full size, fewer parameters when compressed."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    before = copy.deepcopy(model.state_dict())
+    x = torch.randn(1, 3, 32, 32)
+    exact = reuse.convert(model, level=level)
+    torch.testing.assert_close(exact(x), model(x))
+    banked_type = reuse.FilterReuseConv2d if level == "filter" else reuse.KernelReuseConv2d
+    assert isinstance(exact.layer1[0].conv1, banked_type)
+    small, rep = reuse.convert(model, level=level, bank_size=0.25, report=True)
+    assert rep.params_after == sum(p.numel() for p in small.parameters()) < rep.params_before
+    assert f"level='{level}'" in rep.notes[0] and small.reuse_report is rep
+    small(x).sum().backward()
+    for name, value in model.state_dict().items():  # the model handed in is untouched
+        assert torch.equal(value, before[name]), name
