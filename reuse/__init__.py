@@ -22,9 +22,14 @@ __all__ = [
     "is_norm",
     "shuffle_permutation",
     "wrap",
+    "optimize_for_inference",
+    "Profile",
+    "profile",
 ]
 
 from reuse.layer import LayerReuse, is_batchnorm, is_norm, wrap
+from reuse.optimize import optimize_for_inference
+from reuse.profile import Profile, profile
 from reuse.shuffle import ChannelShuffle, channel_shuffle, shuffle_permutation
 
 __version__ = "0.1.0"
