@@ -31,12 +31,17 @@ __all__ = [
     "ConversionReport",
     "convert",
     "find_runs",
+    "optimize_for_inference",
+    "Profile",
+    "profile",
 ]
 
 from reuse.filter import FilterBank, FilterReuseConv2d, filter_reuse
 from reuse.fx import ConversionReport, convert, find_runs
 from reuse.kernel import KernelBank, KernelReuseConv2d, kernel_reuse
 from reuse.layer import LayerReuse, is_batchnorm, is_norm, wrap
+from reuse.optimize import optimize_for_inference
+from reuse.profile import Profile, profile
 from reuse.shuffle import ChannelShuffle, channel_shuffle, shuffle_permutation
 
 __version__ = "0.1.0"

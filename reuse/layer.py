@@ -15,6 +15,7 @@ graph calls ``uses.i.bn`` for the norm of use ``i`` and ``uses.0.conv`` for the 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
@@ -22,6 +23,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.module import _addindent
+from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from reuse._errors import ReuseError
 from reuse.shuffle import ChannelShuffle, check_shuffle
@@ -142,6 +144,13 @@ class LayerReuse(nn.Module):
         groups: groups of the shuffle; must divide the channels.
         swap_halves: exchange the two halves of the channels before the group shuffle (the paper's variant).
         per_use: which submodules get one copy per use (see :data:`PerUse`).
+        checkpoint: activation checkpointing per use (non-reentrant, so DDP-safe): a training forward keeps
+            only each use's input and recomputes the rest during backward. The recomputation restores the
+            use's buffers, so BatchNorm running statistics advance exactly once per forward.
+
+    A block may take the shuffle over: if its class sets ``fuses_shuffle = True``, its forward must accept
+    ``forward(x, shuffle=s)`` and return ``block(s(x))``, e.g. folding the shuffle into a gather it does
+    anyway (:class:`reuse.models.LruBlock` does). LayerReuse then passes the shuffle instead of applying it.
 
     Example:
         >>> block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
@@ -161,11 +170,13 @@ class LayerReuse(nn.Module):
         groups: int = 2,
         swap_halves: bool = True,
         per_use: PerUse = "batchnorm",
+        checkpoint: bool = False,
     ) -> None:
         super().__init__()
         _check_args(block, n, groups)
         self.n = n
         self.per_use = per_use
+        self.checkpoint = checkpoint
         self.shuffle = ChannelShuffle(groups, swap_halves) if shuffle else None
         is_per_use = _per_use_predicate(per_use)
         self.uses = nn.ModuleList([block] + [_clone_for_use(block, is_per_use) for _ in range(n - 1)])
@@ -180,6 +191,7 @@ class LayerReuse(nn.Module):
         groups: int = 2,
         swap_halves: bool = True,
         per_use: PerUse = "batchnorm",
+        checkpoint: bool = False,
     ) -> LayerReuse:
         """Build a reused block from ``len(blocks)`` blocks of one structure: shared modules come from
         ``blocks[0]``, per-use module ``i`` is a copy of the one in ``blocks[i]``. The blocks are not modified.
@@ -194,7 +206,9 @@ class LayerReuse(nn.Module):
             raise ReuseError("LayerReuse.from_blocks: needs at least one block, got none")
         is_per_use = _per_use_predicate(per_use)
         first = copy.deepcopy(blocks[0])
-        self = cls(first, n=1, shuffle=shuffle, groups=groups, swap_halves=swap_halves, per_use=per_use)
+        self = cls(
+            first, n=1, shuffle=shuffle, groups=groups, swap_halves=swap_halves, per_use=per_use, checkpoint=checkpoint
+        )
         for i, other in enumerate(blocks[1:], start=1):
             _check_same_structure(blocks[0], other, i, is_per_use)
             self.uses.append(_clone_for_use(first, is_per_use, source=other))
@@ -222,11 +236,18 @@ class LayerReuse(nn.Module):
         return [name for name, t in per_use[0].items() if all(other.get(name) is t for other in per_use[1:])]
 
     def forward(self, x: Tensor) -> Tensor:
+        tracing = isinstance(x, torch.fx.Proxy)
+        recompute = self.checkpoint and torch.is_grad_enabled() and not tracing
         for i, use in enumerate(self.uses):
-            if i and self.shuffle is not None:
-                x = self.shuffle(x)  # (B, C, H, W), channels permuted
-            y = use(x)  # (B, C, H, W)
-            if i == 0 and not isinstance(x, torch.fx.Proxy):
+            shuffle = self.shuffle if i else None
+            fuse = shuffle is not None and getattr(use, "fuses_shuffle", False) and not tracing
+            if recompute:
+                y = _checkpoint(
+                    _apply_use, use, x, shuffle, fuse, use_reentrant=False, context_fn=_restore_buffers_of(use)
+                )
+            else:
+                y = _apply_use(use, x, shuffle, fuse)  # (B, C, H, W)
+            if i == 0 and not tracing:
                 self._check_first_use(x, y)
             x = y
         return x
@@ -255,7 +276,40 @@ class LayerReuse(nn.Module):
     def __repr__(self) -> str:
         block = _addindent(repr(self.uses[0]), 2)
         per_use = self.per_use if isinstance(self.per_use, str) else getattr(self.per_use, "__name__", "custom")
-        return f"LayerReuse(n={self.n}, shuffle={self.shuffle!r}, per_use={per_use!r}, block={block})"
+        ckpt = ", checkpoint=True" if self.checkpoint else ""
+        return f"LayerReuse(n={self.n}, shuffle={self.shuffle!r}, per_use={per_use!r}{ckpt}, block={block})"
+
+
+def _apply_use(use: nn.Module, x: Tensor, shuffle: ChannelShuffle | None, fuse: bool) -> Tensor:
+    """One use: ``use(shuffle(x))``, the shuffle handed to the block when it takes it over."""
+    if shuffle is None:
+        return use(x)  # (B, C, H, W)
+    if fuse:
+        return use(x, shuffle=shuffle)  # (B, C, H, W), the block shuffles in its own gather
+    return use(shuffle(x))  # (B, C, H, W)
+
+
+class _RestoreBuffers:
+    """Context of a checkpoint's recomputation: on exit, put back every buffer of ``module`` that the
+    recomputed forward changed (BatchNorm running statistics, ``num_batches_tracked``), so that state
+    advances once per forward, not twice. Unchanged buffers are left alone (no version bump)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __enter__(self) -> None:
+        self.saved = [(b, b.clone()) for b in self.module.buffers()]
+
+    def __exit__(self, *exc: object) -> None:
+        with torch.no_grad():
+            for buffer, before in self.saved:
+                if not torch.equal(buffer, before):
+                    buffer.copy_(before)
+        self.saved = []
+
+
+def _restore_buffers_of(use: nn.Module) -> Callable[[], tuple[contextlib.AbstractContextManager, _RestoreBuffers]]:
+    return lambda: (contextlib.nullcontext(), _RestoreBuffers(use))
 
 
 def _check_args(block: object, n: object, groups: object) -> None:
@@ -307,6 +361,7 @@ def wrap(
     *,
     swap_halves: bool = True,
     per_use: PerUse = "batchnorm",
+    checkpoint: bool = False,
 ) -> LayerReuse:
     """Reuse ``block`` ``n`` times: shared weights, per-use BatchNorm, the paper's shuffle between uses.
 
@@ -319,4 +374,6 @@ def wrap(
         >>> m.n, m(torch.randn(1, 16, 4, 4)).shape
         (8, torch.Size([1, 16, 4, 4]))
     """
-    return LayerReuse(block, n, shuffle=shuffle, groups=groups, swap_halves=swap_halves, per_use=per_use)
+    return LayerReuse(
+        block, n, shuffle=shuffle, groups=groups, swap_halves=swap_halves, per_use=per_use, checkpoint=checkpoint
+    )

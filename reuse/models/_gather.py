@@ -1,0 +1,85 @@
+"""The one channel gather of :class:`reuse.models.LruBlock`: the channel repeat that turns its multiplier-2
+depthwise conv into a true depthwise conv, composed with the paper's shuffle between two uses.
+
+Private: ``LruBlock`` is the public face. Everything is written for ``channels_last`` (NHWC) storage, where
+a channel gather is an ``index_select`` over the rows of a ``(B*H*W, C)`` matrix.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from reuse._errors import ReuseError
+from reuse.shuffle import shuffle_permutation
+
+__all__ = ["repeat_gather"]
+
+
+_INDICES: dict[tuple[int, int, bool, torch.device], tuple[Tensor, Tensor, Tensor]] = {}
+
+
+def _gather_indices(channels: int, groups: int, swap: bool, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Index vectors for :func:`repeat_gather`, cached: the shuffle ``perm`` (identity when ``groups == 0``),
+    the repeated shuffle ``perm[c // 2]`` over 2C channels, and ``perm``'s inverse."""
+    key = (channels, groups, swap, device)
+    cached = None if torch.compiler.is_compiling() else _INDICES.get(key)
+    if cached is None:
+        if groups:
+            perm = shuffle_permutation(channels, groups, swap, device=device)  # (C,)
+        else:
+            perm = torch.arange(channels, device=device)  # (C,)
+        cached = (perm, perm.repeat_interleave(2), torch.argsort(perm))  # (C,), (2C,), (C,)
+        if not torch.compiler.is_compiling():
+            _INDICES[key] = cached
+    return cached
+
+
+def _gather_nhwc(x: Tensor, index: Tensor) -> Tensor:
+    """``x[:, index]`` written in channels_last layout: one ``index_select`` over the rows of (B*H*W, C)."""
+    b, c, h, w = x.shape
+    rows = x.permute(0, 2, 3, 1).reshape(b * h * w, c)  # (BHW, C), a view when x is channels_last
+    return rows.index_select(1, index).view(b, h, w, -1).permute(0, 3, 1, 2)  # (B, len(index), H, W)
+
+
+class _RepeatGather(torch.autograd.Function):
+    """``(x[:, perm.repeat_interleave(2)], x[:, perm])``, with a backward that gathers instead of scattering:
+    the gradient of input channel ``perm[c]`` is ``g_rep[2c] + g_rep[2c+1] + g_shuf[c]``. ``perm=None``
+    means no shuffle: the second output is ``x`` itself."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, rep: Tensor, perm: Tensor | None, inverse: Tensor) -> tuple[Tensor, Tensor]:
+        ctx.save_for_backward(None if perm is None else inverse)
+        if perm is None:
+            return _gather_nhwc(x, rep), x
+        xr = _gather_nhwc(x, rep)
+        return xr, xr[:, ::2]
+
+    @staticmethod
+    def backward(ctx: Any, g_rep: Tensor, g_shuf: Tensor | None) -> tuple[Tensor, None, None, None]:
+        (inverse,) = ctx.saved_tensors
+        b, c2, h, w = g_rep.shape
+        g = g_rep.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).view(b * h * w, c2 // 2, 2)
+        total = g[..., 0] + g[..., 1]  # (BHW, C): a strided add, much faster than sum(-1) over pairs
+        if g_shuf is not None:
+            total += g_shuf.permute(0, 2, 3, 1).reshape(b * h * w, c2 // 2)  # (BHW, C)
+        if inverse is not None:
+            total = total.index_select(1, inverse)  # (BHW, C), back in the input's channel order
+        return total.view(b, h, w, c2 // 2).permute(0, 3, 1, 2), None, None, None  # (B, C, H, W)
+
+
+def repeat_gather(x: Tensor, channels: int, groups: int, swap: bool) -> tuple[Tensor, Tensor]:
+    """``(x[:, perm.repeat_interleave(2)], x[:, perm])`` in channels_last layout, ``perm`` the channel shuffle
+    of ``groups`` groups (the identity when ``groups == 0``)."""
+    if x.dim() != 4 or x.shape[1] != channels:
+        raise ReuseError(
+            f"LruBlock({channels}): needs an input of shape (B, {channels}, H, W), got {tuple(x.shape)}; "
+            f"build the block with channels={x.shape[1] if x.dim() > 1 else '?'}"
+        )
+    perm, rep, inverse = _gather_indices(channels, groups, swap, x.device)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _RepeatGather.apply(x, rep, perm if groups else None, inverse)
+    xr = _gather_nhwc(x, rep)
+    return xr, (xr[:, ::2] if groups else x)  # (B, 2C, H, W), (B, C, H, W)

@@ -1,0 +1,146 @@
+"""LruBlock's fast path (true depthwise conv on repeated channels, one gather per use) computes the paper's block.
+
+The reference is written here the way the paper states it: a depthwise conv with channel multiplier 2
+(``Conv2d(F, 2F, 3, groups=F)``) and the shuffle as concatenate + view + permute.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import reuse
+from reuse.models import LruBlock, LruNet
+from reuse.models._gather import repeat_gather
+
+
+def paper_shuffle(x: torch.Tensor, groups: int = 2, swap_halves: bool = True) -> torch.Tensor:
+    b, c, h, w = x.shape
+    if swap_halves:
+        x = torch.cat([x[:, c // 2 :], x[:, : c // 2]], dim=1)  # (B, C, H, W)
+    return x.view(b, groups, c // groups, h, w).permute(0, 2, 1, 3, 4).reshape(b, c, h, w)  # (B, C, H, W)
+
+
+def paper_block(block: LruBlock, x: torch.Tensor) -> torch.Tensor:
+    """The block with the multiplier-2 depthwise conv of the paper, using ``block``'s own modules."""
+    f = block.channels
+    y = block.dw_bn(F.conv2d(x, block.dw.weight, block.dw.bias, padding=1, groups=f))  # (B, 2F, H, W)
+    y = block.pw_bn(block.pw(y))  # (B, F, H, W)
+    return torch.relu(y + x)  # (B, F, H, W)
+
+
+def randomize(module: nn.Module) -> nn.Module:
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    return module
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_block_equals_the_paper_block(train: bool, channels_last: bool) -> None:
+    torch.manual_seed(0)
+    block = randomize(LruBlock(16)).train(train)
+    twin = copy.deepcopy(block)
+    x = torch.randn(3, 16, 5, 5)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, expected = block(x1), paper_block(twin, x2)
+    torch.testing.assert_close(out, expected)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(x1.grad, x2.grad)
+    for (name, p), q in zip(block.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+    torch.testing.assert_close(block.dw_bn.running_var, twin.dw_bn.running_var)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_fused_shuffle_equals_shuffle_then_block(train: bool) -> None:
+    torch.manual_seed(0)
+    block = randomize(LruBlock(32)).train(train)
+    twin = copy.deepcopy(block)
+    shuffle = reuse.ChannelShuffle(groups=4, swap_halves=True)
+    x1 = torch.randn(2, 32, 4, 4, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_()
+    out, expected = block(x1, shuffle=shuffle), paper_block(twin, paper_shuffle(x2, groups=4))
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    expected.sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad)
+    torch.testing.assert_close(block.dw.weight.grad, twin.dw.weight.grad)
+
+
+@st.composite
+def gather_cases(draw: st.DrawFn) -> tuple[int, int, bool]:
+    """Channels, shuffle groups (0: no shuffle), swap halves."""
+    groups = draw(st.sampled_from([0, 1, 2, 4]))
+    channels = max(groups, 1) * 2 * draw(st.integers(1, 4))
+    return channels, groups, draw(st.booleans())
+
+
+@settings(max_examples=20, deadline=None)
+@given(gather_cases(), st.booleans())
+def test_repeat_gather_and_its_backward(case: tuple[int, int, bool], channels_last: bool) -> None:
+    """Both outputs are the gathers they claim, and the custom backward is the autograd of index_select."""
+    channels, groups, swap = case
+    x = torch.randn(2, channels, 3, 2, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    perm = reuse.shuffle_permutation(channels, groups, swap) if groups else torch.arange(channels)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    rep, shuffled = repeat_gather(x1, channels, groups, swap)
+    exp_rep, exp_shuffled = x2[:, perm.repeat_interleave(2)], x2[:, perm]
+    torch.testing.assert_close(rep, exp_rep, rtol=0, atol=0)
+    torch.testing.assert_close(shuffled, exp_shuffled, rtol=0, atol=0)
+    g1, g2 = torch.randn_like(exp_rep), torch.randn_like(exp_shuffled)
+    ((rep * g1).sum() + (shuffled * g2).sum()).backward()
+    ((exp_rep * g1).sum() + (exp_shuffled * g2).sum()).backward()
+    torch.testing.assert_close(x1.grad, x2.grad)
+
+
+def test_gradcheck_of_the_gather() -> None:
+    x = torch.randn(2, 8, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: repeat_gather(t, 8, 2, True), (x,))
+    assert torch.autograd.gradcheck(lambda t: repeat_gather(t, 8, 0, False), (x,))
+
+
+def test_lrunet_equals_the_paper_loop() -> None:
+    """A whole reused stage: the library's loop (fused shuffles) against the paper's explicit loop."""
+    torch.manual_seed(0)
+    stage = randomize(LruNet(reuse=4)).stage2.train()
+    uses = copy.deepcopy(stage).uses
+    x = torch.randn(4, 128, 8, 8)
+    out = stage(x)
+    expected = x
+    for i, use in enumerate(uses):
+        expected = paper_block(use, paper_shuffle(expected) if i else expected)
+    torch.testing.assert_close(out, expected)
+
+
+def test_wrong_channels_raise_reuse_error() -> None:
+    with pytest.raises(reuse.ReuseError, match=r"LruBlock\(16\): needs an input of shape \(B, 16, H, W\)"):
+        LruBlock(16)(torch.randn(1, 8, 4, 4))
+
+
+def test_fx_trace_keeps_the_modules_and_the_gather_as_one_node() -> None:
+    torch.manual_seed(0)
+    block = randomize(LruBlock(16)).eval()
+    gm = torch.fx.symbolic_trace(block, concrete_args={"shuffle": None})
+    x = torch.randn(2, 16, 4, 4)
+    torch.testing.assert_close(gm(x), block(x))
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["dw", "dw_bn", "pw", "pw_bn"]
+    assert sum(n.target is repeat_gather for n in gm.graph.nodes) == 1

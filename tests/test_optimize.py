@@ -1,0 +1,196 @@
+"""reuse.optimize_for_inference: one folded conv per use, identical outputs, the input left untouched."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+from torch.fx.experimental.optimization import fuse as fx_fuse
+
+import reuse
+from reuse.models import LruBlock, LruNet
+
+
+def randomize(module: nn.Module) -> nn.Module:
+    """Non-trivial BatchNorm affine parameters and running statistics, as in a trained network."""
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    return module
+
+
+class Residual(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, groups=2, bias=True)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))  # (B, C, H, W)
+        return torch.relu(self.bn2(self.conv2(y)) + x)  # (B, C, H, W)
+
+
+class SharedConvInSequential(nn.Module):
+    """BatchNorms in a per-use container, the conv they follow in a shared one (a copy on write is needed)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.shared = nn.Sequential(nn.Conv2d(channels, channels, 1))
+        self.norms = nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norms(self.shared(x)) + x  # (B, C, H, W)
+
+
+class Net(nn.Module):
+    """Plain conv-BN pairs around two reused blocks, one nested inside a plain container."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.body = reuse.wrap(Residual(16), n=3)
+        self.more = nn.Sequential(reuse.wrap(SharedConvInSequential(16), n=4, shuffle=False))
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.more(self.body(self.stem(x))).mean((2, 3)))  # (B, 5)
+
+
+def trained(make: Callable[[], nn.Module], x: torch.Tensor) -> nn.Module:
+    """A model whose per-use running statistics differ from use to use."""
+    model = randomize(make()).train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(x)
+    return model.eval()
+
+
+MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "lrunet-3": (lambda: LruNet(reuse=3), (4, 3, 32, 32)),
+    "lrunet-1-2x": (lambda: LruNet(reuse=1, width_mult=2.0), (2, 3, 32, 32)),
+    "net": (Net, (4, 3, 8, 8)),
+    "lru-block": (lambda: reuse.wrap(LruBlock(16), n=5), (3, 16, 6, 6)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_outputs_equal_the_eval_model_and_every_batchnorm_is_folded(name: str) -> None:
+    torch.manual_seed(0)
+    make, shape = MODELS[name]
+    x = torch.randn(shape)
+    model = trained(make, x)
+    fast = reuse.optimize_for_inference(model)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules()), "a BatchNorm was left"
+    assert not fast.training and not any(p.requires_grad for p in fast.parameters())
+
+
+def test_each_use_gets_its_own_folded_weights() -> None:
+    torch.manual_seed(0)
+    model = trained(lambda: LruNet(reuse=4), torch.randn(4, 3, 32, 32))
+    fast = reuse.optimize_for_inference(model)
+    weights = [use.dw.weight for use in fast.stage2.uses]
+    assert len({id(w) for w in weights}) == 4, "the uses still share one folded conv"
+    for use, folded in zip(model.stage2.uses, weights):  # use i's weight = shared weight * gamma_i / sigma_i
+        scale = use.dw_bn.weight / torch.sqrt(use.dw_bn.running_var + use.dw_bn.eps)
+        torch.testing.assert_close(folded, use.dw.weight * scale.view(-1, 1, 1, 1))
+
+
+def test_torch_fx_fuser_is_wrong_for_a_reused_conv_and_ours_is_right() -> None:
+    """fx's conv-BN fuser rewrites the one shared conv for each BatchNorm after it; every use then carries
+    all the folded BatchNorms. Ours folds each use's BatchNorm into a conv of that use."""
+    torch.manual_seed(0)
+    model = trained(lambda: reuse.wrap(Residual(8), n=3), torch.randn(4, 8, 5, 5))
+    x = torch.randn(2, 8, 5, 5)
+    with torch.no_grad():
+        expected = model(x)
+        naive = fx_fuse(copy.deepcopy(model))(x)
+        ours = reuse.optimize_for_inference(model)(x)
+    assert not torch.allclose(naive, expected, rtol=1e-3, atol=1e-3), "fx's fuser was expected to be wrong here"
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_conv_called_twice_outside_layer_reuse_is_left_unfolded_with_a_warning() -> None:
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+            self.bn1, self.bn2 = nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn2(self.conv(self.bn1(self.conv(x))))  # (B, 4, H, W)
+
+    torch.manual_seed(0)
+    model = trained(Twice, torch.randn(4, 4, 5, 5))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fast = reuse.optimize_for_inference(model)
+    assert [str(w.message)[:53] for w in caught] == [
+        "optimize_for_inference: left conv -> bn1 unfolded: th",
+        "optimize_for_inference: left conv -> bn2 unfolded: th",
+    ]
+    assert "the conv is called 2 times" in str(caught[0].message)
+    assert isinstance(fast.bn1, nn.BatchNorm2d) and isinstance(fast.bn2, nn.BatchNorm2d)
+    x = torch.randn(2, 4, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=0, atol=0)
+
+
+def test_the_input_model_is_untouched() -> None:
+    torch.manual_seed(0)
+    model = trained(Net, torch.randn(4, 3, 8, 8)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modules = dict(model.named_modules(remove_duplicate=False))
+    reuse.optimize_for_inference(model)
+    assert model.training
+    assert dict(model.named_modules(remove_duplicate=False)) == modules
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    assert model.body.uses[2].conv1 is model.body.uses[0].conv1
+
+
+def test_subclasses_and_stat_free_norms_are_left_alone() -> None:
+    class ScaledConv(nn.Conv2d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) * 2  # (B, C, H, W)
+
+    model = nn.Sequential(
+        ScaledConv(4, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4, track_running_stats=False)
+    ).eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fast = reuse.optimize_for_inference(model)
+    assert [type(m).__name__ for m in fast] == ["ScaledConv", "BatchNorm2d", "Conv2d", "BatchNorm2d"]
+    assert [str(w.message).split(": ", 2)[-1] for w in caught] == [
+        "the BatchNorm keeps no running statistics (track_running_stats=False)"
+    ]  # ScaledConv is traced through (not a leaf): no pair to warn about
+    x = torch.randn(2, 4, 3, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=0, atol=0)
+
+
+def test_state_dict_of_the_optimized_model_round_trips() -> None:
+    torch.manual_seed(0)
+    model = trained(lambda: LruNet(reuse=2), torch.randn(4, 3, 32, 32))
+    fast = reuse.optimize_for_inference(model)
+    twin = reuse.optimize_for_inference(LruNet(reuse=2))
+    twin.load_state_dict(fast.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), fast(x), rtol=0, atol=0)
+
+
+def test_not_a_module() -> None:
+    with pytest.raises(reuse.ReuseError, match="needs an nn.Module"):
+        reuse.optimize_for_inference(lambda x: x)  # type: ignore[arg-type]
