@@ -38,7 +38,7 @@ def with_checkpoint(model: nn.Module) -> nn.Module:
 
 
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
-    "lrunet-3": (lambda: LruNet(reuse=3), (4, 3, 32, 32)),
+    "lrunet-2": (lambda: LruNet(reuse=2), (2, 3, 32, 32)),
     "lru-block": (lambda: reuse.wrap(LruBlock(16), n=4, checkpoint=False), (3, 16, 5, 5)),
     "residual": (lambda: reuse.wrap(Residual(8), n=3, shuffle=True), (4, 8, 5, 5)),
 }

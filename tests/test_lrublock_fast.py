@@ -144,3 +144,33 @@ def test_fx_trace_keeps_the_modules_and_the_gather_as_one_node() -> None:
     torch.testing.assert_close(gm(x), block(x))
     assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["dw", "dw_bn", "pw", "pw_bn"]
     assert sum(n.target is repeat_gather for n in gm.graph.nodes) == 1
+
+
+def test_backward_keeps_the_input_not_the_repeated_channels() -> None:
+    """The 2F repeated channels are freed after the forward (backward gathers them again from the input)."""
+    import reuse.models.lrunet as lrunet
+
+    block = LruBlock(16).train()
+    x = torch.randn(2, 16, 4, 4, requires_grad=True)
+    storages = []
+
+    def spy(*args: object) -> tuple[torch.Tensor, torch.Tensor]:
+        repeated, shuffled = repeat_gather(*args)  # type: ignore[arg-type]
+        storages.append(repeated.untyped_storage()._weak_ref())
+        return repeated, shuffled
+
+    original = lrunet.repeat_gather
+    lrunet.repeat_gather = spy
+    try:
+        out = block(x)
+    finally:
+        lrunet.repeat_gather = original
+    assert torch.UntypedStorage._expired(storages[0]), "the repeated input is still alive after the forward"
+    out.sum().backward()  # and backward still works (it gathers again)
+
+    h = torch.randn(2, 16, 4, 4, requires_grad=True) * 1.0
+    out = block(h)
+    with torch.no_grad():
+        h.add_(1.0)  # the input backward needs is changed under its feet
+    with pytest.raises(RuntimeError, match="modified in place after the forward"):
+        out.sum().backward()

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from reuse._errors import ReuseError
 from reuse.layer import LayerReuse, wrap
-from reuse.models._gather import repeat_gather
+from reuse.models._gather import repeat_gather, saved_as_gather
 from reuse.shuffle import ChannelShuffle
 
 __all__ = ["LruBlock", "LruNet", "SelfConcat"]
@@ -62,8 +62,11 @@ class LruBlock(nn.Module):
     def forward(self, x: Tensor, shuffle: ChannelShuffle | None = None) -> Tensor:
         """``block(x)``, or ``block(shuffle(x))`` with the shuffle done in the block's own gather."""
         groups, swap = (shuffle.groups, shuffle.swap_halves) if shuffle is not None else (0, False)
-        xr, x = repeat_gather(x, self.channels, groups, swap)  # (B, 2F, H, W) repeated; (B, F, H, W) shuffled
-        y = self.dw_bn(self.dw(xr))  # (B, 2F, H, W)
+        source = x
+        xr, x = repeat_gather(source, self.channels, groups, swap)  # (B, 2F, H, W) repeated; (B, F, H, W) shuffled
+        with saved_as_gather(xr, source, self.channels, groups, swap):  # backward keeps x, not the 2F channels
+            y = self.dw(xr)  # (B, 2F, H, W)
+        y = self.dw_bn(y)  # (B, 2F, H, W)
         y = self.pw_bn(self.pw(y))  # (B, F, H, W)
         return y.add_(x).relu_()  # (B, F, H, W), shortcut; in place: fewer fresh buffers, each one page-faults
 
