@@ -30,9 +30,10 @@ from reuse.shuffle import ChannelShuffle, check_shuffle
 
 __all__ = ["LayerReuse", "PerUse", "is_batchnorm", "is_norm", "wrap"]
 
-PerUse = Literal["batchnorm", "norms"] | Callable[[nn.Module], bool]
+PerUse = Literal["batchnorm", "norms", "all"] | Callable[[nn.Module], bool]
 """Which submodules get one copy per use: ``"batchnorm"`` (anything with running statistics),
-``"norms"`` (BatchNorm plus GroupNorm, LayerNorm, InstanceNorm, RMSNorm), or a predicate."""
+``"norms"`` (BatchNorm plus GroupNorm, LayerNorm, InstanceNorm, RMSNorm), ``"all"`` (every module: nothing
+is shared, the same depth built from new layers, the paper's Table 4 baseline), or a predicate."""
 
 _OTHER_NORMS: tuple[type[nn.Module], ...] = (
     nn.GroupNorm,
@@ -66,14 +67,29 @@ def is_norm(module: nn.Module) -> bool:
     return is_batchnorm(module) or isinstance(module, _OTHER_NORMS)
 
 
+def is_any_module(module: nn.Module) -> bool:
+    """True for every module: the rule of ``per_use="all"``, under which no use shares anything.
+
+    Example:
+        >>> is_any_module(nn.Conv2d(8, 8, 1))
+        True
+    """
+    return True
+
+
+_PER_USE_RULES: dict[str, Callable[[nn.Module], bool]] = {
+    "batchnorm": is_batchnorm,
+    "norms": is_norm,
+    "all": is_any_module,
+}
+
+
 def _per_use_predicate(per_use: PerUse) -> Callable[[nn.Module], bool]:
-    if per_use == "batchnorm":
-        return is_batchnorm
-    if per_use == "norms":
-        return is_norm
-    if callable(per_use):
+    if isinstance(per_use, str) and per_use in _PER_USE_RULES:
+        return _PER_USE_RULES[per_use]
+    if callable(per_use) and not isinstance(per_use, str):
         return per_use
-    raise ReuseError(f"per_use must be 'batchnorm', 'norms' or a predicate on modules, got {per_use!r}")
+    raise ReuseError(f"per_use must be 'batchnorm', 'norms', 'all' or a predicate on modules, got {per_use!r}")
 
 
 def _shallow_copy(module: nn.Module) -> nn.Module:

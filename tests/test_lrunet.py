@@ -81,6 +81,33 @@ def test_convolution_parameters_of_14_lrunet(width: float, classes: int, paper_k
     assert round(conv_params(model) / 1000) == paper_k
 
 
+def unshared_params(n: int, width: float, classes: int, in_chans: int) -> int:
+    """The same depth built from new layers (Table 4 of the paper): each of the n - 1 further uses adds its
+    own depthwise and pointwise convs to the reused network's count (by hand from Table 1)."""
+    convs = sum(9 * 2 * f + f * (2 * f // 8) for f in (int(c * width) for c in (64, 128, 256, 512)))
+    return table1_params(n, width, classes, in_chans) + (n - 1) * convs
+
+
+@pytest.mark.parametrize("n", [1, 2, 8])
+def test_no_share_builds_new_layers_for_every_use(n: int) -> None:
+    model = LruNet(reuse=n, share=False)
+    assert n_params(model) == unshared_params(n, 1.0, 10, 3)
+    weights = [use.pw.weight for use in model.stage2.uses]
+    assert len({id(w) for w in weights}) == n  # nothing shared
+    model(torch.rand(2, 3, 32, 32)).sum().backward()
+    assert all(w.grad is not None for w in weights)
+
+
+def test_no_share_at_8_uses_is_the_papers_902k_network() -> None:
+    assert round(n_params(LruNet(reuse=8, share=False)) / 1000) == 902  # Table 4: the 67-deep net of new layers
+
+
+@pytest.mark.parametrize("kwargs", [dict(share="no"), dict(share=1), dict(share=False, level="filter")])
+def test_bad_share_is_a_reuse_error(kwargs: dict) -> None:
+    with pytest.raises(ReuseError, match="share"):
+        LruNet(**kwargs)
+
+
 def test_shared_weights_are_counted_once() -> None:
     one, eight = LruNet(reuse=1), LruNet(reuse=8)
     bn_per_use = sum(6 * f for f in (64, 128, 256, 512))  # two BNs (weight + bias) of 2F and F channels

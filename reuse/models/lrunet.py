@@ -116,6 +116,9 @@ class LruNet(nn.Module):
         shuffle: channel shuffle between uses, as in the paper.
         level: the grain of reuse inside the LRU blocks: ``"layer"`` (the paper's), ``"filter"`` or ``"kernel"``
             (their convs also draw filters or kernels from banks shared across the stages; see ``_reuse_block_convs``).
+        share: the uses of an LRU block share its convolutions (the paper's LruNet). ``share=False`` builds the
+            same depth from new layers, every use with its own weights, shuffles and all else unchanged: the
+            baseline of the paper's Table 4 (8 uses: 901,962 parameters, the paper's 902k).
 
     Example:
         >>> model = LruNet(num_classes=10, reuse=14)
@@ -134,17 +137,24 @@ class LruNet(nn.Module):
         in_chans: int = 3,
         shuffle: bool = True,
         level: str = "layer",
+        share: bool = True,
     ) -> None:
         super().__init__()
         _check_int("reuse", reuse, 1, "the number of uses of each LRU block; 1 is no reuse")
         _check_int("num_classes", num_classes, 0, "0 gives no classifier")
         _check_int("in_chans", in_chans, 1, "3 for RGB, 1 for Fashion-MNIST")
+        if not isinstance(share, bool):
+            raise ReuseError(f"LruNet: share must be True or False, got {share!r}")
+        if not share and level != "layer":
+            raise ReuseError(f"LruNet: share=False builds new layers for every use; it takes level='layer', got {level!r}")
         stem, (c1, c2, c3, c4), head = _widths(width_mult)
         self.num_classes = num_classes
         self.width_mult = width_mult
         self.reuse = reuse
         self.drop_rate = drop_rate
         self.in_chans = in_chans
+        self.share = share
+        per_use = "batchnorm" if share else "all"
         self.num_features = c4
         self.head_hidden_size = head
 
@@ -152,15 +162,15 @@ class LruNet(nn.Module):
             nn.Conv2d(in_chans, stem, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(stem), nn.ReLU(inplace=True)
         )
         self.stem_concat = SelfConcat() if stem != c1 else nn.Identity()
-        self.stage1 = wrap(LruBlock(c1), reuse, shuffle=shuffle)
+        self.stage1 = wrap(LruBlock(c1), reuse, shuffle=shuffle, per_use=per_use)
         self.pool1 = nn.MaxPool2d(3, stride=2, padding=1)
         self.concat1 = SelfConcat()
-        self.stage2 = wrap(LruBlock(c2), reuse, shuffle=shuffle)
+        self.stage2 = wrap(LruBlock(c2), reuse, shuffle=shuffle, per_use=per_use)
         self.pool2 = nn.MaxPool2d(3, stride=2, padding=1)
         self.concat2 = SelfConcat()
-        self.stage3 = wrap(LruBlock(c3), reuse, shuffle=shuffle)
+        self.stage3 = wrap(LruBlock(c3), reuse, shuffle=shuffle, per_use=per_use)
         self.concat3 = SelfConcat()
-        self.stage4 = wrap(LruBlock(c4), reuse, shuffle=shuffle)
+        self.stage4 = wrap(LruBlock(c4), reuse, shuffle=shuffle, per_use=per_use)
         self.pool4 = nn.MaxPool2d(3, stride=2, padding=1)
 
         self.head_conv = nn.Conv2d(c4, head, 1, groups=8, bias=False)
