@@ -28,6 +28,7 @@ calls the blocks is replaced by a ``torch.fx.GraphModule`` of its traced ``forwa
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import enum
 import functools
@@ -37,7 +38,7 @@ import re
 import sys
 import traceback
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -426,15 +427,47 @@ def _shape(x: object) -> _Shape:
     return tuple(x.shape) if isinstance(x, Tensor) else None
 
 
+@contextlib.contextmanager
+def _swapped_tensors(model: nn.Module, make: Callable[[Tensor], Tensor]) -> Iterator[None]:
+    """Within the context, every parameter and buffer of ``model`` is replaced by ``make(tensor)``; on exit the
+    very same tensor objects are put back, whatever happened.
+
+    Swapped in each module's own registries, once per module object: a module or tensor reachable by several
+    paths (a :class:`~reuse.LayerReuse`'s shared conv, tied weights) gets one replacement, seen through every
+    path, and is restored once. (``torch.func.functional_call`` keys tensors by name and did not restore a
+    tensor reached by two names: it left meta tensors in the model.)
+    """
+    replacement: dict[int, Tensor] = {}
+    saved: list[tuple[dict, str, Tensor]] = []
+    try:
+        for module in {id(m): m for m in model.modules()}.values():
+            for registry in (module._parameters, module._buffers):
+                for name, t in list(registry.items()):
+                    if t is None:
+                        continue
+                    new = replacement.get(id(t))
+                    if new is None:
+                        new = make(t)
+                        if new is not t and isinstance(t, nn.Parameter):
+                            new = nn.Parameter(new, requires_grad=t.requires_grad)
+                        replacement[id(t)] = new
+                    saved.append((registry, name, t))
+                    registry[name] = new
+        yield
+    finally:
+        for registry, name, t in reversed(saved):
+            registry[name] = t
+
+
 def _record_shapes(
     model: nn.Module, inputs: tuple, modules: Iterable[nn.Module]
 ) -> dict[int, list[tuple[_Shape, _Shape]]]:
     """Input and output shape of each call of ``modules`` in one forward pass of ``model``.
 
     The pass runs in eval mode (any batch size goes) on the ``meta`` device: parameters and buffers are
-    swapped for meta tensors with ``torch.func.functional_call``, so no arithmetic is done. A model that
-    cannot run on meta runs for real, under ``no_grad`` and on copies of the buffers. The hooks and the
-    modes are put back as they were: nothing of the model is changed.
+    swapped for meta tensors (:func:`_swapped_tensors`), so no arithmetic is done. A model that cannot run
+    on meta runs for real, under ``no_grad`` and on copies of the buffers. The tensors, hooks and modes are
+    put back as they were: nothing of the model is changed.
     """
     records: dict[int, list[tuple[_Shape, _Shape]]] = {}
 
@@ -453,21 +486,18 @@ def _record_shapes(
         m.training = False
     try:
         try:
-            tensors = {n: torch.empty_like(t, device="meta") for n, t in model.named_parameters()}
-            tensors.update({n: torch.empty_like(t, device="meta") for n, t in model.named_buffers()})
             meta = tuple(torch.empty_like(x, device="meta") if isinstance(x, Tensor) else x for x in inputs)
-            with torch.no_grad():
-                torch.func.functional_call(model, tensors, meta)
+            with torch.no_grad(), _swapped_tensors(model, lambda t: torch.empty_like(t, device="meta")):
+                model(*meta)
         except Exception:
             records.clear()
             device = _device_of(model)
             real = tuple(
                 torch.zeros_like(x, device=device) if isinstance(x, Tensor) and x.is_meta else x for x in inputs
             )
-            buffers = {n: b.clone() for n, b in model.named_buffers()}
             try:
-                with torch.no_grad():
-                    torch.func.functional_call(model, buffers, real)
+                with torch.no_grad(), _swapped_buffers(model):
+                    model(*real)
             except Exception as err:
                 shapes = [tuple(x.shape) for x in inputs if isinstance(x, Tensor)]
                 raise ReuseError(
@@ -480,6 +510,14 @@ def _record_shapes(
         for m, training in modes:
             m.training = training
     return records
+
+
+@contextlib.contextmanager
+def _swapped_buffers(model: nn.Module) -> Iterator[None]:
+    """Buffers replaced by clones (parameters left alone) within the context: a real forward changes nothing."""
+    buffers = {id(b) for b in model.buffers()}
+    with _swapped_tensors(model, lambda t: t.clone() if id(t) in buffers else t):
+        yield
 
 
 def _device_of(model: nn.Module) -> torch.device:

@@ -177,6 +177,8 @@ class LayerReuse(nn.Module):
         640
     """
 
+    __jit_unused_properties__ = ["block"]  # noqa: RUF012 - TorchScript's opt-out list
+
     def __init__(
         self,
         block: nn.Module,
@@ -252,22 +254,39 @@ class LayerReuse(nn.Module):
         return [name for name, t in per_use[0].items() if all(other.get(name) is t for other in per_use[1:])]
 
     def forward(self, x: Tensor) -> Tensor:
-        tracing = isinstance(x, torch.fx.Proxy)
-        recompute = self.checkpoint and torch.is_grad_enabled() and not tracing
+        if torch.jit.is_scripting():
+            return self._forward_scripted(x)
+        return self._forward_eager(x)
+
+    def _forward_scripted(self, x: Tensor) -> Tensor:
+        """What TorchScript compiles: the uses in a row, the shuffle between them (not fused into the block,
+        no checkpointing, no checks)."""
+        for i, use in enumerate(self.uses):
+            if i > 0 and self.shuffle is not None:
+                x = self.shuffle(x)  # (B, C, H, W), channels shuffled
+            x = use(x)  # (B, C, H, W)
+        return x
+
+    @torch.jit.unused
+    def _forward_eager(self, x: Tensor) -> Tensor:
+        fx_tracing = isinstance(x, torch.fx.Proxy)
+        check = not fx_tracing and not torch.jit.is_tracing()
+        recompute = self.checkpoint and torch.is_grad_enabled() and not fx_tracing
         for i, use in enumerate(self.uses):
             shuffle = self.shuffle if i else None
-            fuse = shuffle is not None and getattr(use, "fuses_shuffle", False) and not tracing
+            fuse = shuffle is not None and getattr(use, "fuses_shuffle", False) and not fx_tracing
             if recompute:
                 y = _checkpoint(
                     _apply_use, use, x, shuffle, fuse, use_reentrant=False, context_fn=_restore_buffers_of(use)
                 )
             else:
                 y = _apply_use(use, x, shuffle, fuse)  # (B, C, H, W)
-            if i == 0 and not tracing:
+            if i == 0 and check:
                 self._check_first_use(x, y)
             x = y
         return x
 
+    @torch.jit.unused
     def _check_first_use(self, x: Tensor, y: object) -> None:
         name = type(self.uses[0]).__name__
         if not isinstance(y, Tensor):

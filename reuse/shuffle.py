@@ -47,6 +47,15 @@ def check_shuffle(channels: int, groups: int = 2, swap_halves: bool = True) -> N
         )
 
 
+def _permutation(channels: int, groups: int, swap_halves: bool, device: torch.device | None = None) -> Tensor:
+    """The shuffle's index vector, unchecked; TorchScript compiles it, and it traces and exports to plain
+    arithmetic (no ``roll``, which ONNX export of a traced graph does not take without ``dims``)."""
+    perm = torch.arange(channels, device=device)  # (C,)
+    if swap_halves:
+        perm = torch.remainder(perm + channels // 2, channels)  # (C,), perm[k] = (k + C/2) mod C
+    return perm.view(groups, channels // groups).t().reshape(channels)  # (C,), (g, C/g) -> (C/g, g)
+
+
 def shuffle_permutation(
     channels: int, groups: int = 2, swap_halves: bool = True, device: torch.device | str | None = None
 ) -> Tensor:
@@ -68,16 +77,14 @@ def shuffle_permutation(
         [0, 4, 1, 5, 2, 6, 3, 7]
     """
     check_shuffle(channels, groups, swap_halves)
-    perm = torch.arange(channels, device=device)  # (C,)
-    if swap_halves:
-        perm = perm.roll(channels // 2)  # (C,), perm[k] = (k + C/2) mod C
-    return perm.view(groups, channels // groups).t().reshape(channels)  # (C,), (g, C/g) -> (C/g, g)
+    return _permutation(channels, groups, swap_halves, None if device is None else torch.device(device))
 
 
 def channel_shuffle(x: Tensor, groups: int = 2, swap_halves: bool = True) -> Tensor:
     """Shuffle the channels (dim 1) of ``x`` with one gather.
 
-    A ``channels_last`` input stays ``channels_last``.
+    A ``channels_last`` input stays ``channels_last``. Scriptable: under ``torch.jit.script`` the checks are
+    left out (the eager forward does them).
 
     Args:
         x: a tensor of shape ``(B, C, ...)``.
@@ -92,6 +99,13 @@ def channel_shuffle(x: Tensor, groups: int = 2, swap_halves: bool = True) -> Ten
         >>> channel_shuffle(x).flatten().tolist()
         [4.0, 0.0, 5.0, 1.0, 6.0, 2.0, 7.0, 3.0]
     """
+    if torch.jit.is_scripting():
+        return x.index_select(1, _permutation(x.shape[1], groups, swap_halves, x.device))  # (B, C, ...)
+    return _channel_shuffle_eager(x, groups, swap_halves)
+
+
+@torch.jit.unused
+def _channel_shuffle_eager(x: Tensor, groups: int, swap_halves: bool) -> Tensor:
     if x.dim() < 2:
         raise ReuseError(f"channel shuffle: needs a tensor of shape (B, C, ...), got shape {tuple(x.shape)}")
     perm = shuffle_permutation(x.shape[1], groups, swap_halves, device=x.device)  # (C,)

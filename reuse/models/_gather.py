@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from reuse._errors import ReuseError
-from reuse.shuffle import shuffle_permutation
+from reuse.shuffle import _permutation
 
 __all__ = ["repeat_gather", "saved_as_gather"]
 
@@ -22,20 +22,39 @@ __all__ = ["repeat_gather", "saved_as_gather"]
 _INDICES: dict[tuple[int, int, bool, torch.device], tuple[Tensor, Tensor, Tensor]] = {}
 
 
+def _build_indices(channels: int, groups: int, swap: bool, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """The shuffle ``perm`` (identity when ``groups == 0``), the repeated shuffle ``perm[c // 2]`` over 2C
+    channels, and ``perm``'s inverse. Scriptable, and traced as arithmetic on ``arange``."""
+    if groups > 0:
+        perm = _permutation(channels, groups, swap, device)  # (C,)
+    else:
+        perm = torch.arange(channels, device=device)  # (C,)
+    rep = perm.unsqueeze(1).expand(channels, 2).reshape(2 * channels)  # (2C,), rep[j] = perm[j // 2]
+    return perm, rep, torch.argsort(perm)  # (C,), (2C,), (C,)
+
+
 def _gather_indices(channels: int, groups: int, swap: bool, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """Index vectors for :func:`repeat_gather`, cached: the shuffle ``perm`` (identity when ``groups == 0``),
-    the repeated shuffle ``perm[c // 2]`` over 2C channels, and ``perm``'s inverse."""
+    """:func:`_build_indices`, cached per process.
+
+    What is cached must not depend on the caller's mode: the indices are always built as normal tensors
+    (never inference tensors, never recorded by autograd), so a first call under ``torch.inference_mode()``
+    does not break later training. While compiling, exporting or tracing, nothing is cached or read from the
+    cache: the graph holds the index arithmetic itself, the same on the first call and on every later one.
+    """
+    if _in_graph_capture():
+        return _build_indices(channels, groups, swap, device)
     key = (channels, groups, swap, device)
-    cached = None if torch.compiler.is_compiling() else _INDICES.get(key)
+    cached = _INDICES.get(key)
     if cached is None:
-        if groups:
-            perm = shuffle_permutation(channels, groups, swap, device=device)  # (C,)
-        else:
-            perm = torch.arange(channels, device=device)  # (C,)
-        cached = (perm, perm.repeat_interleave(2), torch.argsort(perm))  # (C,), (2C,), (C,)
-        if not torch.compiler.is_compiling():
-            _INDICES[key] = cached
+        with torch.inference_mode(False), torch.no_grad():
+            cached = _build_indices(channels, groups, swap, device)
+        _INDICES[key] = cached
     return cached
+
+
+def _in_graph_capture() -> bool:
+    """Whether a graph is being captured (``torch.compile``, ``torch.export``, ``torch.jit.trace``)."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
 def _gather_rows(rows: Tensor, index: Tensor) -> Tensor:
@@ -80,11 +99,29 @@ class _RepeatGather(torch.autograd.Function):
 def repeat_gather(x: Tensor, channels: int, groups: int, swap: bool) -> tuple[Tensor, Tensor]:
     """``(x[:, perm.repeat_interleave(2)], x[:, perm])`` in channels_last layout, ``perm`` the channel shuffle
     of ``groups`` groups (the identity when ``groups == 0``)."""
+    if torch.jit.is_scripting():
+        return _repeat_gather_plain(x, channels, groups, swap)
+    return _repeat_gather_eager(x, channels, groups, swap)
+
+
+def _repeat_gather_plain(x: Tensor, channels: int, groups: int, swap: bool) -> tuple[Tensor, Tensor]:
+    """The gather as two ``index_select`` ops on fresh indices: what TorchScript, ``torch.jit.trace`` and
+    ``torch.export`` see. Its indices have C and 2C entries whatever the batch (``torch.gather`` would need an
+    index as large as the input)."""
+    perm, rep, _ = _build_indices(channels, groups, swap, x.device)  # (C,), (2C,)
+    xr = x.index_select(1, rep)  # (B, 2C, H, W)
+    return xr, (xr[:, ::2] if groups > 0 else x)  # (B, 2C, H, W), (B, C, H, W)
+
+
+@torch.jit.unused
+def _repeat_gather_eager(x: Tensor, channels: int, groups: int, swap: bool) -> tuple[Tensor, Tensor]:
     if x.dim() != 4 or x.shape[1] != channels:
         raise ReuseError(
             f"LruBlock({channels}): needs an input of shape (B, {channels}, H, W), got {tuple(x.shape)}; "
             f"build the block with channels={x.shape[1] if x.dim() > 1 else '?'}"
         )
+    if torch.jit.is_tracing() or torch.compiler.is_exporting():
+        return _repeat_gather_plain(x, channels, groups, swap)
     perm, rep, inverse = _gather_indices(channels, groups, swap, x.device)
     if torch.is_grad_enabled() and x.requires_grad:
         return _RepeatGather.apply(x, rep, perm if groups else None, inverse)
@@ -108,7 +145,7 @@ def saved_as_gather(
     """Context for the op that reads ``repeated = repeat_gather(source, channels, groups, swap)[0]``: autograd
     saves ``source`` (C channels, which the block before keeps for its own backward anyway) instead of the 2C
     channels of ``repeated``, and gathers again in backward. Cuts a quarter of a block's saved activations."""
-    if isinstance(repeated, torch.fx.Proxy) or torch.compiler.is_compiling() or not torch.is_grad_enabled():
+    if isinstance(repeated, torch.fx.Proxy) or _in_graph_capture() or not torch.is_grad_enabled():
         return contextlib.nullcontext()
     index = _gather_indices(channels, groups, swap, source.device)[1]
     # The hooks live as long as the graph: they must not hold ``repeated`` itself, only how to recognise it.

@@ -99,7 +99,14 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: LruNet) -> dict[str,
             f"LruNet pretrained: the checkpoint holds no LruNet weights (keys {list(state_dict)[:5]}); "
             "point pretrained_cfg_overlay=dict(file=...) at one of the authors' .t7 files"
         )
+    if model.num_classes == 0:  # no classifier to load: timm drops a classifier of another size after us
+        state_dict = {k: v for k, v in state_dict.items() if not _is_classifier_key(k)}
     return lrunet_state_dict(state_dict, model, "the pretrained checkpoint", caller="LruNet pretrained")
+
+
+def _is_classifier_key(key: str) -> bool:
+    """The last conv of the authors' head (``classifier.4``), which ``num_classes=0`` leaves out."""
+    return key.removeprefix("module.").startswith("classifier.4.")
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> LruNet:

@@ -13,8 +13,6 @@ The width multiplier scales 64/128/256/512/256. At 2x the authors keep the stem 
 concatenate its output with itself to reach 128; other widths scale the stem too.
 """
 
-from __future__ import annotations
-
 import torch
 from torch import Tensor, nn
 
@@ -61,14 +59,23 @@ class LruBlock(nn.Module):
 
     def forward(self, x: Tensor, shuffle: ChannelShuffle | None = None) -> Tensor:
         """``block(x)``, or ``block(shuffle(x))`` with the shuffle done in the block's own gather."""
-        groups, swap = (shuffle.groups, shuffle.swap_halves) if shuffle is not None else (0, False)
-        source = x
-        xr, x = repeat_gather(source, self.channels, groups, swap)  # (B, 2F, H, W) repeated; (B, F, H, W) shuffled
-        with saved_as_gather(xr, source, self.channels, groups, swap):  # backward keeps x, not the 2F channels
-            y = self.dw(xr)  # (B, 2F, H, W)
-        y = self.dw_bn(y)  # (B, 2F, H, W)
+        groups, swap = 0, False
+        if shuffle is not None:
+            groups, swap = shuffle.groups, shuffle.swap_halves
+        xr, shortcut = repeat_gather(x, self.channels, groups, swap)  # (B, 2F, H, W) repeated; (B, F, H, W)
+        y = self.dw_bn(self._depthwise(xr, x, groups, swap))  # (B, 2F, H, W)
         y = self.pw_bn(self.pw(y))  # (B, F, H, W)
-        return y.add_(x).relu_()  # (B, F, H, W), shortcut; in place: fewer fresh buffers, each one page-faults
+        return y.add_(shortcut).relu_()  # (B, F, H, W), shortcut; in place: fewer fresh buffers, each one page-faults
+
+    def _depthwise(self, xr: Tensor, source: Tensor, groups: int, swap: bool) -> Tensor:
+        if torch.jit.is_scripting():
+            return self.dw(xr)  # (B, 2F, H, W)
+        return self._depthwise_saving_memory(xr, source, groups, swap)
+
+    @torch.jit.unused
+    def _depthwise_saving_memory(self, xr: Tensor, source: Tensor, groups: int, swap: bool) -> Tensor:
+        with saved_as_gather(xr, source, self.channels, groups, swap):  # backward keeps source, not the 2F channels
+            return self.dw(xr)  # (B, 2F, H, W)
 
 
 # One node in torch.fx graphs: its indices are built from the channel count.
@@ -99,6 +106,56 @@ def _widths(width_mult: float) -> tuple[int, tuple[int, int, int, int], int]:
     return stem, stages, head  # type: ignore[return-value]
 
 
+_POOLS = ("avg", "max", "avgmax", "")
+
+
+class GlobalPool(nn.Module):
+    """Global pooling of the head, timm's ``global_pool`` names: ``"avg"`` (the paper's), ``"max"``,
+    ``"avgmax"`` (their mean) or ``""`` (none: the class maps or features stay ``(B, C, h, w)``).
+
+    Example:
+        >>> GlobalPool("max")(torch.arange(8.0).view(1, 2, 2, 2)).tolist()
+        [[3.0, 7.0]]
+    """
+
+    def __init__(self, pool_type: str = "avg") -> None:
+        super().__init__()
+        if pool_type not in _POOLS:
+            raise ReuseError(f"LruNet: global_pool must be one of {_POOLS}, got {pool_type!r}")
+        self.pool_type = pool_type
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.pool_type == "":
+            return x  # (B, C, h, w)
+        if self.pool_type == "max":
+            return x.amax((2, 3))  # (B, C)
+        avg = nn.functional.adaptive_avg_pool2d(x, 1).flatten(1)  # (B, C)
+        if self.pool_type == "avgmax":
+            return 0.5 * (avg + x.amax((2, 3)))  # (B, C)
+        return avg
+
+    def extra_repr(self) -> str:
+        return f"pool_type={self.pool_type!r}"
+
+
+def _take_indices(levels: int, indices: int | list[int] | tuple[int, ...] | None) -> tuple[list[int], int]:
+    """timm's feature indices: None (all levels), an int n (the last n) or a list (negative counts from the
+    end). Returns the levels taken, ascending, and the largest."""
+    if indices is None:
+        take = list(range(levels))
+    elif isinstance(indices, int) and not isinstance(indices, bool):
+        if not 0 < indices <= levels:
+            raise ReuseError(f"LruNet: indices={indices} asks for the last {indices} of {levels} feature levels")
+        take = list(range(levels - indices, levels))
+    else:
+        take = sorted(i + levels if i < 0 else i for i in indices)
+        if not take or not all(0 <= i < levels for i in take):
+            raise ReuseError(
+                f"LruNet: indices={list(indices)} must name feature levels in -{levels}..{levels - 1} (stem, stages)"
+            )
+    return take, max(take)
+
+
 def _check_int(name: str, value: object, minimum: int, hint: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ReuseError(f"LruNet: {name} must be an int >= {minimum}, got {value!r} ({hint})")
@@ -116,6 +173,7 @@ class LruNet(nn.Module):
         shuffle: channel shuffle between uses, as in the paper.
         level: the grain of reuse inside the LRU blocks: ``"layer"`` (the paper's), ``"filter"`` or ``"kernel"``
             (their convs also draw filters or kernels from banks shared across the stages; see ``_reuse_block_convs``).
+        global_pool: timm's pooling of the head: ``"avg"`` (the paper's), ``"max"``, ``"avgmax"`` or ``""`` (none).
         share: the uses of an LRU block share its convolutions (the paper's LruNet). ``share=False`` builds the
             same depth from new layers, every use with its own weights, shuffles and all else unchanged: the
             baseline of the paper's Table 4 (8 uses: 901,962 parameters, the paper's 902k).
@@ -128,6 +186,8 @@ class LruNet(nn.Module):
         torch.Size([2, 10])
     """
 
+    __jit_unused_properties__ = ["stages"]  # noqa: RUF012 - TorchScript's opt-out list
+
     def __init__(
         self,
         num_classes: int = 10,
@@ -138,6 +198,7 @@ class LruNet(nn.Module):
         shuffle: bool = True,
         level: str = "layer",
         share: bool = True,
+        global_pool: str = "avg",
     ) -> None:
         super().__init__()
         _check_int("reuse", reuse, 1, "the number of uses of each LRU block; 1 is no reuse")
@@ -177,7 +238,8 @@ class LruNet(nn.Module):
         self.head_bn = nn.BatchNorm2d(head)
         self.head_drop = nn.Dropout(drop_rate)
         self.classifier = nn.Conv2d(head, num_classes, 1) if num_classes > 0 else nn.Identity()
-        self.global_pool = nn.AdaptiveAvgPool2d(1)
+        self.global_pool = GlobalPool(global_pool)
+        self.grad_checkpointing = False
         # timm's features_only: the stage outputs; the children run in this order in forward_features.
         self.feature_info = [
             dict(num_chs=stem, reduction=2, module="stem"),
@@ -204,23 +266,126 @@ class LruNet(nn.Module):
         x = torch.relu(self.head_bn(self.head_conv(x)))  # (B, 256w, h, w)
         x = self.head_drop(x)
         if pre_logits:
-            return self.global_pool(x).flatten(1)  # (B, 256w)
+            return self.global_pool(x)  # (B, 256w), or (B, 256w, h, w) without pooling
         x = torch.relu(self.classifier(x))  # (B, classes, h, w), the authors' ReLU on the class maps
-        return self.global_pool(x).flatten(1)  # (B, classes)
+        return self.global_pool(x)  # (B, classes), or (B, classes, h, w) without pooling
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
 
+    # ------------------------------------------------------------------------------ timm's model interface
+
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.classifier
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the last convolution with a new one for ``num_classes`` classes (0: no classifier)."""
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the last convolution with a new one for ``num_classes`` classes (0: no classifier), and the
+        global pooling when ``global_pool`` is given (``""``: none)."""
+        _check_int("num_classes", num_classes, 0, "0 gives no classifier")
+        if global_pool is not None:
+            self.global_pool = GlobalPool(global_pool)
+        like = self.stem[0].weight
         self.num_classes = num_classes
         if num_classes > 0:
-            self.classifier = nn.Conv2d(self.head_hidden_size, num_classes, 1)
+            self.classifier = nn.Conv2d(self.head_hidden_size, num_classes, 1, device=like.device, dtype=like.dtype)
         else:
             self.classifier = nn.Identity()
+        self.classifier.train(self.training)
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing of every use of every stage (:class:`~reuse.LayerReuse`'s ``checkpoint``):
+        training keeps each use's input only and recomputes the rest in backward."""
+        self.grad_checkpointing = enable
+        for stage in self.stages:
+            stage.checkpoint = enable
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, str]:
+        """timm's parameter groups (layer-wise learning-rate decay): the stem, then one group per stage
+        (``coarse``) or per use of a stage; the head falls in the last group. A stage's shared convs sit in
+        its use 0."""
+        return dict(stem=r"^stem", blocks=r"^stage(\d+)" if coarse else r"^stage(\d+)\.uses\.(\d+)")
+
+    def _levels(self) -> list[tuple[nn.Module, list[nn.Module]]]:
+        """The feature levels of :attr:`feature_info`: the module whose output is the level's feature, and
+        the modules that lead from it to the next level."""
+        return [
+            (self.stem, [self.stem_concat]),
+            (self.stage1, [self.pool1, self.concat1]),
+            (self.stage2, [self.pool2, self.concat2]),
+            (self.stage3, [self.concat3]),
+            (self.stage4, [self.pool4]),
+        ]
+
+    @torch.jit.ignore
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | list[int] | tuple[int, ...] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """timm's feature API: the features of the levels in :attr:`feature_info` (stem, stage 1-4).
+
+        Args:
+            x: input images, ``(B, C, H, W)``.
+            indices: levels to return: None (all five), an int n (the last n) or a list (negative from the end).
+            norm: accepted for timm's signature; LruNet has no final norm, so it changes nothing.
+            stop_early: stop after the last level asked for (the first output is then that level's input to
+                the next one, not ``forward_features``'s).
+            output_fmt: only ``"NCHW"``.
+            intermediates_only: return the list only.
+
+        Returns:
+            ``(forward_features(x), intermediates)``, or the intermediates alone.
+
+        Example:
+            >>> feats = LruNet(reuse=2).forward_intermediates(torch.rand(1, 3, 32, 32), intermediates_only=True)
+            >>> [tuple(f.shape[1:]) for f in feats]
+            [(64, 16, 16), (64, 16, 16), (128, 8, 8), (256, 4, 4), (512, 4, 4)]
+        """
+        if output_fmt != "NCHW":
+            raise ReuseError(f"LruNet.forward_intermediates: output_fmt must be 'NCHW', got {output_fmt!r}")
+        take, last = _take_indices(len(self.feature_info), indices)
+        levels = self._levels()[: last + 1] if stop_early else self._levels()
+        intermediates = []
+        for i, (level, following) in enumerate(levels):
+            x = level(x)  # (B, C_i, H_i, W_i)
+            if i in take:
+                intermediates.append(x)
+            for module in following:
+                x = module(x)  # (B, C, H, W): pooled, self-concatenated
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    @torch.jit.ignore
+    def prune_intermediate_layers(
+        self, indices: int | list[int] | tuple[int, ...] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop what no level in ``indices`` needs (later stages, and the head if ``prune_head``); returns the
+        levels kept. timm's ``features_only=True, feature_cls="getter"`` calls it."""
+        take, last = _take_indices(len(self.feature_info), indices)
+        names = [
+            ("stem_concat", "stage1"),
+            ("pool1", "concat1", "stage2"),
+            ("pool2", "concat2", "stage3"),
+            ("concat3", "stage4"),
+            ("pool4",),
+        ]
+        for group in names[last:]:
+            for name in group:
+                setattr(self, name, nn.Identity())
+        if prune_head or last < len(names) - 1:
+            for name in ("head_conv", "head_bn", "head_drop"):
+                setattr(self, name, nn.Identity())
+            self.reset_classifier(0, "")
+            self.num_features = self.head_hidden_size = self.feature_info[last]["num_chs"]
+        return take
 
 
 def _reuse_block_convs(net: LruNet, level: str) -> None:
