@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from reuse._checks import check_bool
 from reuse._errors import ReuseError
 
 Mode = Literal["index", "mix"]
@@ -65,19 +66,32 @@ def _order(size: int, seed: int) -> Tensor:
     return torch.randperm(size, generator=_generator(seed))
 
 
+def _check_bank_size(bank_size: object, who: str) -> None:
+    """Raise unless ``bank_size`` is a :data:`BankSize`: a positive int, a float in (0, 1] or None."""
+    if bank_size is None:
+        return
+    rule = (
+        "bank_size must be a positive int (entries), a float in (0, 1] (a fraction of the entries replaced) "
+        "or None (as many entries as replaced: no compression)"
+    )
+    if isinstance(bank_size, bool) or not isinstance(bank_size, int | float):
+        raise ReuseError(f"{who}: {rule}, got {bank_size!r} ({type(bank_size).__name__})")
+    if isinstance(bank_size, int) and bank_size < 1:
+        raise ReuseError(f"{who}: {rule}, got {bank_size!r}")
+    if isinstance(bank_size, float) and not (math.isfinite(bank_size) and 0.0 < bank_size <= 1.0):
+        grows = " (a fraction above 1 would grow the model)" if math.isfinite(bank_size) and bank_size > 1 else ""
+        raise ReuseError(f"{who}: {rule}, got {bank_size!r}{grows}; pass an int for a bank of that many entries")
+
+
 def _resolve_bank_size(bank_size: object, total: int, minimum: int, who: str) -> int:
     """Entries of a bank that replaces ``total`` filters or kernels (see :data:`BankSize`); a fraction is
     raised to ``minimum``, the smallest bank its users accept (an int below it is left to raise)."""
+    _check_bank_size(bank_size, who)
     if bank_size is None:
         return total
-    if isinstance(bank_size, bool) or not isinstance(bank_size, int | float) or bank_size <= 0:
-        raise ReuseError(
-            f"{who}: bank_size must be a positive int (entries), a positive float (a fraction of the entries "
-            f"replaced) or None (no compression), got {bank_size!r}"
-        )
     if isinstance(bank_size, float):
         return max(1, minimum, round(bank_size * total))
-    return bank_size
+    return bank_size  # type: ignore[return-value]
 
 
 def _spread(pool: Tensor, size: int) -> Tensor:
@@ -252,6 +266,13 @@ def _reuse_convs(
     _check_mode(mode, who)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ReuseError(f"{who}: seed must be an int, got {seed!r}")
+    check_bool(inplace, "inplace", who)
+    _check_bank_size(bank_size, who)
+    if include is not None and not callable(include):
+        raise ReuseError(
+            f"{who}: include must be a predicate on (qualified name, conv) or None, got {include!r}; "
+            "e.g. include=lambda name, conv: name.startswith('layer3')"
+        )
     options = f"{who}(bank_size={bank_size!r}, mode={mode!r})"
     if isinstance(module, nn.Conv2d):
         reason = _unsupported(module)

@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
+from reuse._checks import check_bool, check_bools
 from reuse._errors import ReuseError
 from reuse.filter import FilterReuseConv2d, filter_reuse
 from reuse.kernel import KernelReuseConv2d, kernel_reuse
@@ -55,6 +56,19 @@ __all__ = ["ConversionReport", "Run", "convert", "find_runs"]
 
 _LEVELS = ("layer", "filter", "kernel")
 _INITS = ("first", "mean")
+_BANK_DEFAULT = 0.5  # convert(level="filter"|"kernel"): banks of half the entries they replace
+
+
+class _Default(enum.Enum):
+    """The type of :data:`_DEFAULT`: ``bank_size`` left out (0.5 at the filter and kernel levels)."""
+
+    BANK_SIZE = "0.5"
+
+    def __repr__(self) -> str:
+        return self.value
+
+
+_DEFAULT = _Default.BANK_SIZE
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1003,6 +1017,7 @@ def _options(
         raise ReuseError(
             f"convert: level must be 'layer' (whole blocks), 'filter' or 'kernel' (shared banks), got {level!r}"
         )
+    check_bool(shuffle, "shuffle", "convert")
     if isinstance(min_run, bool) or not isinstance(min_run, int) or min_run < 2:
         raise ReuseError(f"convert: min_run must be an int >= 2 (blocks in a run), got {min_run!r}")
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
@@ -1032,7 +1047,7 @@ def _options(
         )
     return _Options(
         min_run,
-        bool(shuffle),
+        shuffle,  # type: ignore[arg-type]
         groups,
         init,
         per_use,
@@ -1096,7 +1111,7 @@ def convert(
     per_use: PerUse = "batchnorm",
     example_inputs: Tensor | tuple | None = None,
     report: bool = False,
-    bank_size: int | float | None = None,
+    bank_size: int | float | None | _Default = _DEFAULT,
     mode: str = "index",
 ) -> nn.Module | tuple[nn.Module, ConversionReport]:
     """Replace each run of same-structure stacked blocks in ``model`` by one reused block.
@@ -1125,7 +1140,9 @@ def convert(
             by default ``(1, C, 224, 224)`` from timm's ``pretrained_cfg`` or the first convolution.
         report: also return the :class:`ConversionReport`.
         bank_size: with ``level="filter"|"kernel"``: entries per bank (int), a fraction of what the bank
-            replaces (float), or None (full size: the model computes exactly what it did).
+            replaces (float in (0, 1]; by default 0.5, which stores about half the weights), or None (as many
+            entries as replaced: the model computes exactly what it did, but does not get smaller; kernel
+            reuse at full size even grows it by one scale per kernel).
         mode: with ``level="filter"|"kernel"``: ``"index"`` or ``"mix"``.
 
     Returns:
@@ -1154,10 +1171,17 @@ def convert(
         'BasicBlock'
     """
     opts = _options(min_run, shuffle, groups, init, per_use, leaf_modules, example_inputs, level)
+    check_bools("convert", inplace=inplace, report=report)
     _check_model(model)
     params_before = _count([model])
     if level != "layer":
-        return _convert_banked(model, level, bank_size, mode, inplace, params_before, report)
+        size = _BANK_DEFAULT if isinstance(bank_size, _Default) else bank_size
+        return _convert_banked(model, level, size, mode, inplace, params_before, report)
+    if not isinstance(bank_size, _Default) or mode != "index":
+        raise ReuseError(
+            "convert: bank_size and mode choose the banks of level='filter' or 'kernel'; "
+            f"level='layer' reuses whole blocks and takes neither (got bank_size={bank_size!r}, mode={mode!r})"
+        )
     planner, found, notes = _plan(model, opts)  # reads the model, writes nothing
     todo = [f for f in found if not f.run.skipped]
     lrs = {}

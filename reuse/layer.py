@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.nn.modules.module import _addindent
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
+from reuse._checks import check_bools
 from reuse._errors import ReuseError
 from reuse.shuffle import ChannelShuffle, check_shuffle
 
@@ -109,18 +110,31 @@ def _has_per_use(module: nn.Module, is_per_use: Callable[[nn.Module], bool]) -> 
 
 
 def _clone_for_use(
-    template: nn.Module, is_per_use: Callable[[nn.Module], bool], source: nn.Module | None = None
+    template: nn.Module,
+    is_per_use: Callable[[nn.Module], bool],
+    source: nn.Module | None = None,
+    memo: dict[int, nn.Module] | None = None,
 ) -> nn.Module:
     """The module tree of one more use: per-use modules deep-copied (from ``source`` where given, which
-    has ``template``'s structure), everything else the very same objects as in ``template``."""
+    has ``template``'s structure), everything else the very same objects as in ``template``.
+
+    One module object stays one object within the use: a BatchNorm held under two attribute names gets one
+    copy, seen under both (``memo`` maps each template module to its counterpart in the new use).
+    """
+    memo = {} if memo is None else memo
+    if id(template) in memo:
+        return memo[id(template)]
     source = template if source is None else source
     if is_per_use(template):
-        return copy.deepcopy(source)
-    if not _has_per_use(template, is_per_use):
-        return template
-    new = _shallow_copy(template)
-    for name, child in template.named_children():
-        new._modules[name] = _clone_for_use(child, is_per_use, source.get_submodule(name))
+        new = copy.deepcopy(source)
+    elif not _has_per_use(template, is_per_use):
+        new = template
+    else:
+        new = _shallow_copy(template)
+        for name, child in template._modules.items():  # every name, aliases included
+            if child is not None:
+                new._modules[name] = _clone_for_use(child, is_per_use, source._modules[name], memo)
+    memo[id(template)] = new
     return new
 
 
@@ -137,12 +151,31 @@ def _drop_shared_keys(module: LayerReuse, state_dict: dict, prefix: str, local_m
 
 
 def _fill_shared_keys(module: LayerReuse, state_dict: dict, prefix: str, *args: object) -> None:
-    """Load pre-hook: every use reads a shared tensor from its single ``uses.0.`` entry."""
+    """Load pre-hook: every use reads a shared tensor from its single ``uses.0.`` entry.
+
+    A state dict may also hold the tensor under a later use (one written by other code, or edited): that entry
+    must then equal use 0's, since one tensor cannot take two values.
+    """
     for name in module.shared_names():
-        value = state_dict.get(f"{prefix}uses.0.{name}")
-        if value is not None:
-            for i in range(1, module.n):
-                state_dict.setdefault(f"{prefix}uses.{i}.{name}", value)
+        key0 = f"{prefix}uses.0.{name}"
+        value = state_dict.get(key0)
+        if value is None:
+            continue
+        for i in range(1, module.n):
+            key = f"{prefix}uses.{i}.{name}"
+            other = state_dict.setdefault(key, value)
+            if other is not value and not _same_values(other, value):
+                raise ReuseError(
+                    f"LayerReuse.load_state_dict: {key} differs from {key0}, but the {module.n} uses share that "
+                    "tensor, so it can take only one value; drop the later uses' entries (a LayerReuse saves a "
+                    "shared tensor once, under uses.0.), or load the blocks into LayerReuse.from_blocks"
+                )
+
+
+def _same_values(a: object, b: object) -> bool:
+    if not isinstance(a, Tensor) or not isinstance(b, Tensor):
+        return a is b
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.detach().cpu(), b.detach().cpu())
 
 
 class LayerReuse(nn.Module):
@@ -192,6 +225,7 @@ class LayerReuse(nn.Module):
     ) -> None:
         super().__init__()
         _check_args(block, n, groups)
+        check_bools("LayerReuse", shuffle=shuffle, swap_halves=swap_halves, checkpoint=checkpoint)
         self.n = n
         self.per_use = per_use
         self.checkpoint = checkpoint

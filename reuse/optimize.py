@@ -18,6 +18,7 @@ from collections import Counter
 import torch
 from torch import nn
 
+from reuse._checks import check_bool
 from reuse._errors import ReuseError
 from reuse.layer import LayerReuse, _shallow_copy
 
@@ -53,6 +54,7 @@ def optimize_for_inference(model: nn.Module, *, channels_last: bool = True) -> n
     """
     if not isinstance(model, nn.Module):
         raise ReuseError(f"optimize_for_inference: needs an nn.Module, got {type(model).__name__}")
+    check_bool(channels_last, "channels_last", "optimize_for_inference")
     model = copy.deepcopy(model).eval()
     for layer in [m for m in model.modules() if isinstance(m, LayerReuse)]:
         _fold_reused(model, layer)

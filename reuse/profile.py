@@ -78,6 +78,17 @@ class Profile:
         return "\n".join(lines)
 
 
+def _shape(input_size: object) -> tuple[int, ...]:
+    """``input_size`` as a shape of positive ints, or a ReuseError."""
+    rule = "profile: input_size must be a shape of positive ints, batch included, such as (1, 3, 32, 32)"
+    if isinstance(input_size, int) or not isinstance(input_size, Sequence) or isinstance(input_size, str):
+        raise ReuseError(f"{rule}; got {input_size!r}")
+    shape = tuple(input_size)
+    if not shape or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
+        raise ReuseError(f"{rule}; got {shape}")
+    return shape
+
+
 def _count(n: int) -> str:
     for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= scale:
@@ -124,9 +135,7 @@ def profile(
     """
     if not isinstance(model, nn.Module):
         raise ReuseError(f"profile: needs an nn.Module, got {type(model).__name__}")
-    shape = tuple(input_size)
-    if not shape or not all(isinstance(s, int) and s > 0 for s in shape):
-        raise ReuseError(f"profile: input_size must be a shape of positive ints such as (1, 3, 32, 32), got {shape}")
+    shape = _shape(input_size)
     if device is None:
         first = next(model.parameters(), None)
         device = first.device if first is not None else "cpu"
@@ -152,9 +161,20 @@ def profile(
             child.register_forward_hook(lambda m, a, o, s=start, n=name: child_macs.update({n: flops_now() - s.pop()}))
         )
     try:
-        model.eval()
+        for m in modes:  # eval mode, set directly: a custom train() may do more than set the flag
+            m.training = False
         with flop_counter:
-            model(torch.zeros(shape, dtype=dtype, device=device))
+            try:
+                model(torch.zeros(shape, dtype=dtype, device=device))
+            except Exception as err:  # the model's own error, whatever its type: say which input it got
+                msg = (str(err).strip().splitlines() or [""])[0][:300]
+                hint = (
+                    f"; input_size includes the batch: try (1, {', '.join(map(str, shape))})" if len(shape) == 3 else ""
+                )
+                raise ReuseError(
+                    f"profile: {type(model).__name__} fails on an input of shape {shape}: "
+                    f"{type(err).__name__}: {msg}{hint}"
+                ) from None
     finally:
         for h in handles:
             h.remove()

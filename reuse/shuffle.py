@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from reuse._checks import check_bool
 from reuse._errors import ReuseError
 
 __all__ = ["ChannelShuffle", "channel_shuffle", "check_shuffle", "shuffle_permutation"]
@@ -33,6 +34,7 @@ def check_shuffle(channels: int, groups: int = 2, swap_halves: bool = True) -> N
     """
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
         raise ReuseError(f"channel shuffle: groups must be a positive int, got {groups!r}")
+    check_bool(swap_halves, "swap_halves", "channel shuffle")
     if channels < 1:
         raise ReuseError(f"channel shuffle: needs at least one channel, got {channels}")
     if channels % groups:
@@ -133,6 +135,7 @@ class ChannelShuffle(nn.Module):
         super().__init__()
         if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
             raise ReuseError(f"ChannelShuffle: groups must be a positive int, got {groups!r}")
+        check_bool(swap_halves, "swap_halves", "ChannelShuffle")
         self.groups = groups
         self.swap_halves = swap_halves
 

@@ -542,7 +542,7 @@ def test_untraceable_root_forward() -> None:
         ({"groups": 0}, r"groups must be a positive int"),
         ({"leaf_modules": [3]}, r"leaf_modules holds 3"),
         ({"leaf_modules": ["nope"]}, r"leaf_modules names 'nope', which is not a submodule"),
-        ({"per_use": "all"}, r"per_use must be"),
+        ({"per_use": "every"}, r"per_use must be"),
         ({"example_inputs": [1]}, r"example_inputs must be a tensor or a tuple"),
         ({"example_inputs": torch.randn(1, 5, 8, 8)}, r"fails on the example input of shape\(s\) \[\(1, 5, 8, 8\)\]"),
     ],
@@ -654,13 +654,17 @@ def test_deepcopy_of_a_converted_model_keeps_sharing() -> None:
 
 @pytest.mark.parametrize("level", ["filter", "kernel"])
 def test_level_chooses_the_grain(level: str) -> None:
-    """level='filter'|'kernel' banks the convs: exact at full size, fewer parameters when compressed."""
+    """level='filter'|'kernel' banks the convs: exact at full size (bank_size=None), fewer parameters by
+    default (banks of half the entries) and when compressed further."""
     torch.manual_seed(0)
     model = torchvision.models.resnet18().eval()
     before = copy.deepcopy(model.state_dict())
     x = torch.randn(1, 3, 32, 32)
-    exact = reuse.convert(model, level=level)
+    exact = reuse.convert(model, level=level, bank_size=None)
     torch.testing.assert_close(exact(x), model(x))
+    default = reuse.convert(model, level=level)
+    n_model = sum(p.numel() for p in model.parameters())
+    assert sum(p.numel() for p in default.parameters()) < 0.7 * n_model  # a finer grain of reuse: a smaller model
     banked_type = reuse.FilterReuseConv2d if level == "filter" else reuse.KernelReuseConv2d
     assert isinstance(exact.layer1[0].conv1, banked_type)
     small, rep = reuse.convert(model, level=level, bank_size=0.25, report=True)

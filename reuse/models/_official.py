@@ -14,6 +14,7 @@ N, the width, the classes and the input channels are read off the tensors' shape
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import os
 import re
@@ -26,7 +27,15 @@ from torch import Tensor
 from reuse._errors import ReuseError
 from reuse.models.lrunet import LruNet
 
-__all__ = ["OFFICIAL_URL", "OfficialCheckpoint", "convert_official", "load_official", "read_official"]
+__all__ = [
+    "OFFICIAL_URL",
+    "RELEASE_SHA256",
+    "OfficialCheckpoint",
+    "convert_official",
+    "file_sha256",
+    "load_official",
+    "read_official",
+]
 
 OFFICIAL_URL = "https://github.com/okankop/CNN-layer-reuse/raw/master/pretrained/{file}"
 """Public address of a released file; ``OFFICIAL_URL.format(file="cifar10-lru14-ckpt-08934.t7")``."""
@@ -45,6 +54,39 @@ _RENAMES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
     )
 )
 _INFERRED = ("num_classes", "width_mult", "reuse", "in_chans")
+
+RELEASE_SHA256: dict[str, str] = {
+    "cifar10-lru1-ckpt-08391.t7": "6bac007ff78004d21884f7b0682f7978796f92a0e850cac6c1168ba756d81465",
+    "cifar10-lru14-ckpt-08934.t7": "bc6991084834975d549134aa79cffaaf471a525649f2f0fa11151bdee9664bfe",
+    "cifar100-lru1-2x-ckpt-06322.t7": "683a13b33520ac18d1fa2a9b74610cd9eba169c76f5ce11db89079fc0298dbe3",
+    "cifar100-lru14-2x-ckpt-06884.t7": "62d4b4e9b8f3feff7ceb56c9ccf2f675615d3b369f38f8161f414f6b890a0da0",
+    "fashionmnist-lru1-ckpt-09117.t7": "f0b96bdedd6cf8027b4aaecf360ee8c32c7dd60d6224a603196850c306b7f58e",
+    "fashionmnist-lru10-ckpt-09346.t7": "aba6b4783ece6267aa761f6fff161b4cf651e005f92e6b3a842449aef1e2fe15",
+}
+"""sha256 of the authors' six release files (commit 1dd8d42 of okankop/CNN-layer-reuse), by file name."""
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_release_digest(path: Path) -> None:
+    """A file named like one of the authors' releases must be that release, byte for byte."""
+    expected = RELEASE_SHA256.get(path.name)
+    if expected is None:
+        return
+    actual = file_sha256(path)
+    if actual != expected:
+        raise ReuseError(
+            f"load_official: {path} is named like the authors' release file {path.name}, but its sha256 is "
+            f"{actual}, not the release's {expected}: the file is corrupt or modified; download it again from "
+            f"{OFFICIAL_URL.format(file=path.name)} (if it is a checkpoint of your own, give it another name)"
+        )
 
 
 @dataclass(frozen=True)
@@ -109,6 +151,8 @@ def convert_official(state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor], 
 def read_official(path: str | os.PathLike) -> OfficialCheckpoint:
     """Read one of the authors' ``.t7`` files (weights only, no code is unpickled).
 
+    A file named like one of the six release files must have that file's sha256 (:data:`RELEASE_SHA256`).
+
     Args:
         path: the file, e.g. ``fashionmnist-lru10-ckpt-09346.t7``.
 
@@ -124,6 +168,7 @@ def read_official(path: str | os.PathLike) -> OfficialCheckpoint:
             f"load_official: no checkpoint file at {path}; download the authors' file from "
             f"{OFFICIAL_URL.format(file=path.name or '<file>')} and pass its path"
         )
+    _check_release_digest(path)
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for truncated or foreign files

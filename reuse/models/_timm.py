@@ -25,13 +25,14 @@ To load a local copy of a released file instead of downloading it::
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import Tensor
 
 from reuse._errors import ReuseError
-from reuse.models._official import OFFICIAL_URL, convert_official, lrunet_state_dict
+from reuse.models._official import OFFICIAL_URL, _check_release_digest, convert_official, lrunet_state_dict
 from reuse.models.lrunet import LruNet
 
 __all__ = ["checkpoint_filter_fn"]
@@ -110,6 +111,14 @@ def _is_classifier_key(key: str) -> bool:
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> LruNet:
+    overlay = kwargs.get("pretrained_cfg_overlay") or {}
+    if pretrained and isinstance(overlay, dict) and overlay.get("file"):
+        path = Path(overlay["file"])
+        if path.is_file():  # a local copy of a release file must be that file (timm reports a missing one)
+            try:
+                _check_release_digest(path)
+            except ReuseError as err:
+                raise ReuseError(f"timm.create_model({variant!r}, pretrained=True): {err}") from None
     return build_model_with_cfg(LruNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
 

@@ -16,6 +16,7 @@ concatenate its output with itself to reach 128; other widths scale the stem too
 import torch
 from torch import Tensor, nn
 
+from reuse._checks import check_bools
 from reuse._errors import ReuseError
 from reuse.layer import LayerReuse, wrap
 from reuse.models._gather import repeat_gather, saved_as_gather
@@ -204,8 +205,7 @@ class LruNet(nn.Module):
         _check_int("reuse", reuse, 1, "the number of uses of each LRU block; 1 is no reuse")
         _check_int("num_classes", num_classes, 0, "0 gives no classifier")
         _check_int("in_chans", in_chans, 1, "3 for RGB, 1 for Fashion-MNIST")
-        if not isinstance(share, bool):
-            raise ReuseError(f"LruNet: share must be True or False, got {share!r}")
+        check_bools("LruNet", shuffle=shuffle, share=share)
         if not share and level != "layer":
             raise ReuseError(
                 f"LruNet: share=False builds new layers for every use; it takes level='layer', got {level!r}"
