@@ -1072,7 +1072,18 @@ def _plan(model: nn.Module, opts: _Options) -> tuple[_Planner, list[_Found], lis
     _check_model(model)
     planner = _Planner(model, opts)
     found, notes = planner.plan()
+    reused = [p or "the model" for p, m in planner.by_path.items() if isinstance(m, LayerReuse)]
+    if reused:  # outermost ones only: a LayerReuse is never entered
+        outer = [p for p in reused if not any(p.startswith(q + ".") for q in reused if q != p)]
+        notes.append(
+            f"kept {len(outer)} LayerReuse module(s) as they are, already reused ({_span_list(outer)}): "
+            "convert neither enters nor re-converts them"
+        )
     return planner, found, notes
+
+
+def _span_list(names: list[str], limit: int = 4) -> str:
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
 def find_runs(

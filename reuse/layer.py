@@ -198,8 +198,9 @@ class LayerReuse(nn.Module):
             use's buffers, so BatchNorm running statistics advance exactly once per forward.
 
     A block may take the shuffle over: if its class sets ``fuses_shuffle = True``, its forward must accept
-    ``forward(x, shuffle=s)`` and return ``block(s(x))``, e.g. folding the shuffle into a gather it does
-    anyway (:class:`reuse.models.LruBlock` does). LayerReuse then passes the shuffle instead of applying it.
+    ``forward(x, shuffle=(groups, swap_halves))`` and return ``block(channel_shuffle(x, groups, swap_halves))``,
+    e.g. folding the shuffle into a gather it does anyway (:class:`reuse.models.LruBlock` does). LayerReuse then
+    passes the shuffle's settings instead of applying it (in eager mode; TorchScript and FX graphs apply it).
 
     Example:
         >>> block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
@@ -305,7 +306,7 @@ class LayerReuse(nn.Module):
     def _forward_eager(self, x: Tensor) -> Tensor:
         fx_tracing = isinstance(x, torch.fx.Proxy)
         check = not fx_tracing and not torch.jit.is_tracing()
-        recompute = self.checkpoint and torch.is_grad_enabled() and not fx_tracing
+        recompute = self.checkpoint and torch.is_grad_enabled() and check  # a traced graph holds no checkpoints
         for i, use in enumerate(self.uses):
             shuffle = self.shuffle if i else None
             fuse = shuffle is not None and getattr(use, "fuses_shuffle", False) and not fx_tracing
@@ -354,7 +355,7 @@ def _apply_use(use: nn.Module, x: Tensor, shuffle: ChannelShuffle | None, fuse: 
     if shuffle is None:
         return use(x)  # (B, C, H, W)
     if fuse:
-        return use(x, shuffle=shuffle)  # (B, C, H, W), the block shuffles in its own gather
+        return use(x, shuffle=(shuffle.groups, shuffle.swap_halves))  # (B, C, H, W), shuffled in the block's gather
     return use(shuffle(x))  # (B, C, H, W)
 
 

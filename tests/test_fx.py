@@ -545,11 +545,25 @@ def test_untraceable_root_forward() -> None:
         ({"per_use": "every"}, r"per_use must be"),
         ({"example_inputs": [1]}, r"example_inputs must be a tensor or a tuple"),
         ({"example_inputs": torch.randn(1, 5, 8, 8)}, r"fails on the example input of shape\(s\) \[\(1, 5, 8, 8\)\]"),
+        ({"inplace": "no"}, r"inplace must be True or False, got 'no' \(str\)"),
+        ({"shuffle": "yes"}, r"shuffle must be True or False"),
+        ({"report": 1}, r"report must be True or False"),
+        ({"bank_size": 0.5}, r"bank_size and mode choose the banks of level='filter' or 'kernel'"),
+        ({"level": "kernel", "bank_size": float("nan")}, r"bank_size must be"),
     ],
 )
 def test_bad_options(kwargs: dict, match: str) -> None:
     with pytest.raises(ReuseError, match=match):
         reuse.convert(stacked(n=2), **kwargs)
+
+
+def test_a_truthy_string_does_not_convert_in_place() -> None:
+    model = stacked(n=3)
+    with pytest.raises(ReuseError, match="inplace"):
+        reuse.convert(model, inplace="no")
+    assert not any(isinstance(m, LayerReuse) for m in model.modules())
+    with pytest.raises(ReuseError, match="shuffle"):
+        reuse.find_runs(model, shuffle="no")
 
 
 def test_not_a_module() -> None:

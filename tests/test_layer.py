@@ -406,3 +406,51 @@ def test_cuda() -> None:
     gpu = copy.deepcopy(model).cuda()
     assert gpu.body.uses[2].dw.weight.is_cuda and gpu.body.uses[2].dw is gpu.body.uses[0].dw
     torch.testing.assert_close(gpu(x.cuda()).cpu(), expected, rtol=1e-4, atol=1e-4)
+
+
+class AliasedNorm(nn.Module):
+    """A block holding one BatchNorm under two attribute names, and calling it through the alias."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+        self.bn_alias = self.bn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn_alias(self.conv(x))  # (B, C, H, W)
+
+
+def test_a_module_under_two_names_is_one_copy_per_use() -> None:
+    m = wrap(AliasedNorm(), n=3, shuffle=False).train()
+    for i, use in enumerate(m.uses):
+        assert use.bn is use.bn_alias, f"use {i}: the two names must stay one module"
+        assert all(use.bn is not other.bn for other in m.uses[:i]), f"use {i} shares a BatchNorm with an earlier use"
+    m(torch.randn(2, 4, 5, 5))
+    assert [int(use.bn.num_batches_tracked) for use in m.uses] == [1, 1, 1]  # each use's statistics advance once
+
+
+def test_strict_load_refuses_a_later_use_that_disagrees_on_a_shared_tensor() -> None:
+    m = wrap(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)), n=2)
+    sd = m.state_dict()
+    sd["uses.1.0.weight"] = sd["uses.0.0.weight"] + 1.0
+    before = m.uses[0][0].weight.detach().clone()
+    with pytest.raises(ReuseError, match=r"uses\.1\.0\.weight differs from uses\.0\.0\.weight"):
+        m.load_state_dict(sd, strict=True)
+    assert torch.equal(m.uses[0][0].weight, before)
+    sd["uses.1.0.weight"] = sd["uses.0.0.weight"].clone()  # the same values twice: fine
+    m.load_state_dict(sd, strict=True)
+
+
+@pytest.mark.parametrize("option", ["shuffle", "swap_halves", "checkpoint"])
+@pytest.mark.parametrize("value", ["no", 1, None])
+def test_bool_options_take_only_bools(option: str, value: object) -> None:
+    with pytest.raises(ReuseError, match=f"{option} must be True or False"):
+        wrap(nn.Conv2d(4, 4, 1), n=2, **{option: value})
+
+
+def test_per_use_all_shares_nothing() -> None:
+    m = wrap(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)), n=3, per_use="all")
+    assert m.shared_names() == []
+    assert len({id(use[0].weight) for use in m.uses}) == 3
+    assert sum(p.numel() for p in m.parameters()) == 3 * (4 * 4 * 9 + 4 + 8)

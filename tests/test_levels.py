@@ -440,3 +440,24 @@ def test_repr_reads_like_the_call() -> None:
     layer = KernelReuseConv2d(KernelBank(9, 3), 8, 16, stride=2, groups=2)
     bank = "KernelBank(9, kernel_size=(3, 3))"
     assert repr(layer) == f"KernelReuseConv2d({bank}, 8, 16, stride=(2, 2), groups=2, mode='index')"
+
+
+@grains
+@pytest.mark.parametrize("bank_size", [float("nan"), float("inf"), 1.5, -0.5, 0.0, -1, "0.5", True])
+def test_bank_sizes_that_are_not_a_count_or_a_fraction(grain: Grain, bank_size: object) -> None:
+    """A float is a fraction in (0, 1]: nan, inf and 1.5 (which would grow the model) are refused up front."""
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3))
+    with pytest.raises(ReuseError, match="bank_size must be"):
+        grain.convert(net, bank_size=bank_size)
+    with pytest.raises(ReuseError, match="bank_size must be"):
+        grain.convert(nn.Conv2d(8, 8, 3), bank_size=bank_size)
+
+
+@grains
+def test_include_and_inplace_are_checked(grain: Grain) -> None:
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3))
+    with pytest.raises(ReuseError, match="include must be a predicate"):
+        grain.convert(net, bank_size=0.5, include=5)
+    with pytest.raises(ReuseError, match="inplace must be True or False"):
+        grain.convert(net, bank_size=0.5, inplace="no")
+    assert type(net[0]) is nn.Conv2d  # nothing was converted in place

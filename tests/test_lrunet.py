@@ -15,6 +15,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from _helpers import to_official
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -237,24 +238,6 @@ def test_pretrained_cfgs_point_at_the_authors_release(file: str) -> None:
 
 # ----------------------------------------------------------------------------------------------------------
 # The authors' checkpoint format, built here from Table 1 and their naming, and an unrolled reading of it.
-def to_official(model: LruNet) -> dict[str, Tensor]:
-    """A state dict in the authors' naming (DataParallel 'module.' prefix, BN lists, no num_batches_tracked)."""
-    out: dict[str, Tensor] = {}
-    sd = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
-    heads = {"stem.0.": "features.0.", "stem.1.": "features.1.", "head_conv.": "classifier.0.",
-             "head_bn.": "classifier.1.", "classifier.": "classifier.4."}  # fmt: skip
-    for key, value in sd.items():
-        parts = key.split(".")
-        if parts[0].startswith("stage"):  # stageK.uses.I.(dw|pw|dw_bn|pw_bn).P
-            stage, _, use, mod, param = parts
-            key = f"{stage}.{mod}.{param}" if mod in ("dw", "pw") else f"{stage}.{mod}_list.{use}.{param}"
-        else:
-            prefix = next(p for p in heads if key.startswith(p))
-            key = heads[prefix] + key[len(prefix) :]
-        out["module." + key] = value.clone()
-    return out
-
-
 def unrolled_forward(sd: dict[str, Tensor], x: Tensor) -> Tensor:
     """The paper's network read straight off the authors' tensors, in plain torch (eval mode)."""
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
@@ -513,3 +496,28 @@ def test_evaluate_official_example_agrees_with_a_direct_count() -> None:
     with torch.no_grad():
         direct = (load_official(path)(x).argmax(1).numpy() == data["labels"][:500]).mean() * 100
     assert acc == pytest.approx(direct)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The release files are verified by their sha256.
+def test_a_file_named_like_a_release_must_be_that_release(synthetic: tuple[LruNet, Path], tmp_path: Path) -> None:
+    _, path = synthetic
+    impostor = tmp_path / "fashionmnist-lru1-ckpt-09117.t7"  # a release's name, other bytes
+    impostor.write_bytes(path.read_bytes())
+    with pytest.raises(ReuseError, match=r"sha256 is [0-9a-f]{64}, not the release's f0b96bde.*give it another name"):
+        load_official(impostor)
+    with pytest.raises(ReuseError, match="sha256"):
+        timm.create_model("lrunet", reuse=3, pretrained=True, pretrained_cfg_overlay=dict(file=str(impostor)))
+    assert load_official(path).reuse == 3  # under a name of its own, the same bytes load
+
+
+@pytest.mark.shared
+def test_a_release_with_flipped_bytes_is_refused(tmp_path: Path) -> None:
+    """The issue's repro: 64 bytes zeroed in a release file loaded silently with logits off by 27."""
+    source = official_file("fashionmnist-lru1-ckpt-09117.t7")
+    data = bytearray(source.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)
+    broken = tmp_path / source.name
+    broken.write_bytes(bytes(data))
+    with pytest.raises(ReuseError, match="corrupt or modified"):
+        load_official(broken)

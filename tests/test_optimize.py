@@ -194,3 +194,8 @@ def test_state_dict_of_the_optimized_model_round_trips() -> None:
 def test_not_a_module() -> None:
     with pytest.raises(reuse.ReuseError, match="needs an nn.Module"):
         reuse.optimize_for_inference(lambda x: x)  # type: ignore[arg-type]
+
+
+def test_channels_last_takes_only_bools() -> None:
+    with pytest.raises(reuse.ReuseError, match="channels_last must be True or False"):
+        reuse.optimize_for_inference(nn.Conv2d(3, 8, 3), channels_last="no")

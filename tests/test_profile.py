@@ -147,3 +147,23 @@ def test_printed_table() -> None:
 def test_bad_input_size(shape: tuple) -> None:
     with pytest.raises(reuse.ReuseError, match="input_size must be a shape of positive ints"):
         reuse.profile(nn.Identity(), shape)
+
+
+@pytest.mark.parametrize(
+    ("model", "size", "match"),
+    [
+        (nn.Identity(), 32, "a shape of positive ints"),
+        (nn.Identity(), "1x3x32x32", "a shape of positive ints"),
+        (
+            LruNet(reuse=1, width_mult=0.25),
+            (3, 32, 32),
+            r"fails on an input of shape \(3, 32, 32\).*try \(1, 3, 32, 32\)",
+        ),
+        (nn.Conv2d(3, 8, 3), (1, 4, 8, 8), r"Conv2d fails on an input of shape \(1, 4, 8, 8\)"),
+    ],
+)
+def test_inputs_the_model_cannot_take_are_reuse_errors(model: nn.Module, size: object, match: str) -> None:
+    model.train()
+    with pytest.raises(reuse.ReuseError, match=match):
+        reuse.profile(model, size)
+    assert model.training  # the mode is restored after the failing forward

@@ -177,3 +177,11 @@ def test_four_uses_mix_every_channel_with_eight_groups(channels: int, swap_halve
 
 def test_without_shuffle_channels_never_mix_across_groups() -> None:
     assert _uses_to_full_mixing(64, 8, None) > 32
+
+
+@pytest.mark.parametrize("value", ["no", 0, None])
+def test_swap_halves_takes_only_bools(value: object) -> None:
+    with pytest.raises(ReuseError, match="swap_halves must be True or False"):
+        ChannelShuffle(swap_halves=value)  # type: ignore[arg-type]
+    with pytest.raises(ReuseError, match="swap_halves must be True or False"):
+        shuffle_permutation(8, 2, value)  # type: ignore[arg-type]

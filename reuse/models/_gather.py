@@ -115,13 +115,13 @@ def _repeat_gather_plain(x: Tensor, channels: int, groups: int, swap: bool) -> t
 
 @torch.jit.unused
 def _repeat_gather_eager(x: Tensor, channels: int, groups: int, swap: bool) -> tuple[Tensor, Tensor]:
+    if torch.jit.is_tracing() or torch.compiler.is_exporting():
+        return _repeat_gather_plain(x, channels, groups, swap)  # checked when the model ran eagerly
     if x.dim() != 4 or x.shape[1] != channels:
         raise ReuseError(
             f"LruBlock({channels}): needs an input of shape (B, {channels}, H, W), got {tuple(x.shape)}; "
             f"build the block with channels={x.shape[1] if x.dim() > 1 else '?'}"
         )
-    if torch.jit.is_tracing() or torch.compiler.is_exporting():
-        return _repeat_gather_plain(x, channels, groups, swap)
     perm, rep, inverse = _gather_indices(channels, groups, swap, x.device)
     if torch.is_grad_enabled() and x.requires_grad:
         return _RepeatGather.apply(x, rep, perm if groups else None, inverse)

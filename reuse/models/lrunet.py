@@ -20,7 +20,6 @@ from reuse._checks import check_bools
 from reuse._errors import ReuseError
 from reuse.layer import LayerReuse, wrap
 from reuse.models._gather import repeat_gather, saved_as_gather
-from reuse.shuffle import ChannelShuffle
 
 __all__ = ["LruBlock", "LruNet", "SelfConcat"]
 
@@ -45,7 +44,7 @@ class LruBlock(nn.Module):
         torch.Size([128, 1, 3, 3])
     """
 
-    fuses_shuffle = True  # LayerReuse hook: forward(x, shuffle=s) computes self(s(x)) in one gather
+    fuses_shuffle = True  # LayerReuse hook: forward(x, shuffle=(g, swap)) shuffles in its own gather
 
     def __init__(self, channels: int, pw_groups: int = 8) -> None:
         super().__init__()
@@ -58,11 +57,12 @@ class LruBlock(nn.Module):
         self.pw = nn.Conv2d(2 * channels, channels, 1, groups=pw_groups, bias=False)
         self.pw_bn = nn.BatchNorm2d(channels)
 
-    def forward(self, x: Tensor, shuffle: ChannelShuffle | None = None) -> Tensor:
-        """``block(x)``, or ``block(shuffle(x))`` with the shuffle done in the block's own gather."""
+    def forward(self, x: Tensor, shuffle: tuple[int, bool] | None = None) -> Tensor:
+        """``block(x)``, or with ``shuffle=(groups, swap_halves)`` ``block(channel_shuffle(x, groups, swap_halves))``
+        with the shuffle done in the block's own gather."""
         groups, swap = 0, False
         if shuffle is not None:
-            groups, swap = shuffle.groups, shuffle.swap_halves
+            groups, swap = shuffle
         xr, shortcut = repeat_gather(x, self.channels, groups, swap)  # (B, 2F, H, W) repeated; (B, F, H, W)
         y = self.dw_bn(self._depthwise(xr, x, groups, swap))  # (B, 2F, H, W)
         y = self.pw_bn(self.pw(y))  # (B, F, H, W)

@@ -1,0 +1,85 @@
+"""Helpers shared by the test files: BatchNorm randomisers, the authors' checkpoint format, snapshots of a
+model's state. Import with ``from _helpers import ...`` (pytest puts ``tests/`` on the path)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from reuse.models import LruNet
+
+
+def randomize(module: nn.Module) -> nn.Module:
+    """Give every BatchNorm2d non-trivial affine parameters and running statistics, as in a trained network
+    (drawn from torch's global generator)."""
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    return module
+
+
+def to_official(model: LruNet) -> dict[str, Tensor]:
+    """A state dict in the authors' naming (DataParallel 'module.' prefix, BN lists, no num_batches_tracked)."""
+    out: dict[str, Tensor] = {}
+    sd = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    heads = {"stem.0.": "features.0.", "stem.1.": "features.1.", "head_conv.": "classifier.0.",
+             "head_bn.": "classifier.1.", "classifier.": "classifier.4."}  # fmt: skip
+    for key, value in sd.items():
+        parts = key.split(".")
+        if parts[0].startswith("stage"):  # stageK.uses.I.(dw|pw|dw_bn|pw_bn).P
+            stage, _, use, mod, param = parts
+            key = f"{stage}.{mod}.{param}" if mod in ("dw", "pw") else f"{stage}.{mod}_list.{use}.{param}"
+        else:
+            prefix = next(p for p in heads if key.startswith(p))
+            key = heads[prefix] + key[len(prefix) :]
+        out["module." + key] = value.clone()
+    return out
+
+
+@dataclass
+class Snapshot:
+    """Everything of a model a transform must leave alone: every tensor (by every name it has: identity,
+    values, device, dtype, requires_grad), every module object (by every path) and its train/eval mode."""
+
+    tensors: dict[str, tuple[int, Tensor, torch.device, torch.dtype, bool]]
+    modules: dict[str, tuple[int, bool]]
+
+    @classmethod
+    def of(cls, model: nn.Module) -> Snapshot:
+        tensors = {}
+        named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+        for name, t in named:
+            tensors[name] = (id(t), t.detach().clone(), t.device, t.dtype, t.requires_grad)
+        modules = {name: (id(m), m.training) for name, m in model.named_modules(remove_duplicate=False)}
+        return cls(tensors, modules)
+
+    def differences(self, model: nn.Module) -> list[str]:
+        """What changed since the snapshot, as readable lines (empty: nothing)."""
+        now = Snapshot.of(model)
+        out = (
+            [f"module paths {sorted(set(self.modules) ^ set(now.modules))}"]
+            if now.modules.keys() != self.modules.keys()
+            else []
+        )
+        out += [
+            f"module {n} replaced or mode changed"
+            for n in self.modules
+            if n in now.modules and now.modules[n] != self.modules[n]
+        ]
+        if now.tensors.keys() != self.tensors.keys():
+            out.append(f"tensor names {sorted(set(self.tensors) ^ set(now.tensors))}")
+        for name, (ident, value, device, dtype, grad) in self.tensors.items():
+            if name not in now.tensors:
+                continue
+            ident2, value2, device2, dtype2, grad2 = now.tensors[name]
+            if (ident2, device2, dtype2, grad2) != (ident, device, dtype, grad):
+                out.append(f"{name}: object, device, dtype or requires_grad changed ({device} -> {device2})")
+            elif not torch.equal(value2, value):
+                out.append(f"{name}: values changed")
+        return out
