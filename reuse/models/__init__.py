@@ -4,10 +4,18 @@ Importing this package registers LruNet with timm (see :mod:`reuse.models._timm`
 """
 
 from reuse.models import _timm  # noqa: F401  (registers lrunet* with timm)
-from reuse.models._official import OfficialCheckpoint, convert_official, load_official, read_official
-from reuse.models.lrunet import LruBlock, LruNet, SelfConcat
+from reuse.models._official import (
+    RELEASE_SHA256,
+    OfficialCheckpoint,
+    convert_official,
+    load_official,
+    read_official,
+)
+from reuse.models.lrunet import GlobalPool, LruBlock, LruNet, SelfConcat
 
 __all__ = [
+    "RELEASE_SHA256",
+    "GlobalPool",
     "LruBlock",
     "LruNet",
     "OfficialCheckpoint",
