@@ -146,7 +146,9 @@ class LruNet(nn.Module):
         if not isinstance(share, bool):
             raise ReuseError(f"LruNet: share must be True or False, got {share!r}")
         if not share and level != "layer":
-            raise ReuseError(f"LruNet: share=False builds new layers for every use; it takes level='layer', got {level!r}")
+            raise ReuseError(
+                f"LruNet: share=False builds new layers for every use; it takes level='layer', got {level!r}"
+            )
         stem, (c1, c2, c3, c4), head = _widths(width_mult)
         self.num_classes = num_classes
         self.width_mult = width_mult
