@@ -982,12 +982,16 @@ def _prepare_run(cfg: Config, given: set[str], dd: Dist) -> Run:
     return Run(cfg, out, ckpt, changes, removed)
 
 
+class RunDiverged(ReuseError):
+    """The loss of a run became NaN or infinite; the run stopped before it saved anything of that epoch."""
+
+
 def _check_finite(epoch: int, cfg: Config, losses: dict[str, float | None], out: Path) -> None:
     """Stop a diverged run (a NaN or infinite loss) before it saves anything of the epoch."""
     for what, value in losses.items():
         if value is not None and not math.isfinite(value):
             kept = f"{out / 'last.pt'} still holds epoch {epoch}" if epoch else "no checkpoint was written"
-            raise ReuseError(
+            raise RunDiverged(
                 f"epoch {epoch + 1}/{cfg.epochs}: the {what} loss is {value}: the run diverged; nothing of this "
                 f"epoch was saved, {kept}; start a new run with a lower --lr (this one has {cfg.lr})"
             )

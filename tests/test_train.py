@@ -747,6 +747,8 @@ def test_a_diverged_run_stops_with_an_error(
     line = _cli_error(monkeypatch, capsys, [*TINY, "--epochs", "2", "--lr", "1e30", "--out", str(run)])
     assert "epoch 1/2: the training loss is nan: the run diverged" in line and "lower --lr" in line
     assert not (run / "last.pt").exists() and not (run / "final.json").exists()
+    with pytest.raises(lc.RunDiverged):  # what benchmarks/reproduce.py records as a diverged grid point
+        lc.main([*TINY, "--epochs", "1", "--lr", "1e30", "--out", str(tmp_path / "again")])
 
 
 def test_sync_bn_keeps_the_reuse_structure() -> None:
