@@ -108,11 +108,8 @@ class Point:
 
     def model(self) -> str:
         """The training script's name of the model, e.g. ``4-LruNet-0.5x-noshare``."""
-        return (
-            f"{self.reuse}-LruNet-{self.width:g}x"
-            + ("" if self.share else "-noshare")
-            + ("" if self.shuffle else "-noshuffle")
-        )
+        cfg = TRAINER.Config(reuse=self.reuse, width=self.width, share=self.share, shuffle=self.shuffle)
+        return TRAINER.model_name(cfg)
 
     def run_name(self) -> str:
         """The run directory's name: readable, and a hash of every setting so that no two points share one."""
@@ -648,6 +645,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         raise ReuseError("--seeds and --reuse-values need at least one value each, and every N must be at least 1")
     if not (math.isfinite(args.lr) and args.lr > 0) or not (math.isfinite(args.width) and args.width > 0):
         raise ReuseError(f"--lr and --width must be finite and > 0, got {args.lr} and {args.width}")
+    if not set(args.ablation_seeds) <= set(args.seeds):
+        raise ReuseError(f"--ablation-seeds {args.ablation_seeds} must be some of --seeds {args.seeds}")
     unknown = set(args.only or ()) - set(GROUPS)
     if unknown:
         raise ReuseError(f"--only: no group {', '.join(sorted(unknown))}; the groups are {', '.join(GROUPS)}")
