@@ -27,7 +27,12 @@ Data live on the device as one uint8 tensor and are augmented there, a batch at 
 way); the CPU runs the very same code. Model and batches are channels_last. On CUDA the script adds bf16
 autocast, cudnn.benchmark and, with ``--compile``, ``torch.compile``. Under ``torchrun`` it trains data-parallel
 with DDP: each process takes an equal, strided share of every global batch, as ``DistributedSampler`` would.
-See docs/training.md.
+
+What the user can fix stops the script with one line on stderr (``lrunet_cifar.py: error: ...``) and a non-zero
+exit, checked before any work where it can be: bad numbers, unreadable data, an unwritable ``--out``, a bad
+``last.pt`` for ``--resume``; a full disk during a save (every file is replaced whole or not at all) and a run
+whose loss turns NaN stop the same way. ``--resume`` with a larger ``--epochs`` extends a run. See
+docs/training.md.
 """
 
 from __future__ import annotations
@@ -38,8 +43,12 @@ import inspect
 import json
 import math
 import os
+import re
 import sys
 import time
+import warnings
+import zipfile
+import zlib
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -88,6 +97,8 @@ class Config:
     reuse: int = 8  # N, the uses of each LRU block
     width: float | None = None  # width multiplier; None: the paper's (1x, 2x for CIFAR-100)
     level: str | None = None  # layer | filter | kernel, passed to LruNet when it takes `level`
+    shuffle: bool = True  # channel shuffle between the uses (the paper's); False: the no-shuffle ablation
+    share: bool = True  # the uses share their convolutions (the paper's); False: new layers, same depth (Table 4)
     drop_rate: float | None = None  # dropout before the classifier; None: the paper's (0.5, 0.7 for CIFAR-100)
     epochs: int = 300  # total epochs; the paper's schedule is 200 + 50 + 50
     batch_size: int = 256  # GLOBAL batch, split over processes and --grad-accum micro-batches
@@ -109,8 +120,27 @@ class Config:
     progress: bool = True  # tqdm progress bar on the first process
 
 
-# Options a resumed run may change; every other one must match the run being resumed.
+# Options a resumed run may change; every other one must match the run being resumed, but for --epochs, which may
+# change to any number of epochs at least those done (the schedule is then recomputed: see place_scheduler).
 RUNTIME_OPTIONS = {"data_dir", "download", "device", "compile", "out", "resume", "eval_every", "progress"}
+
+# Float options: (lowest, lowest allowed, highest, highest allowed). Every one must also be finite.
+FLOAT_RANGES: dict[str, tuple[float, bool, float, bool]] = {
+    "lr": (0.0, False, math.inf, False),
+    "momentum": (0.0, True, 1.0, False),
+    "weight_decay": (0.0, True, math.inf, False),
+    "drop_rate": (0.0, True, 1.0, False),
+    "width": (0.0, False, math.inf, False),
+}
+POSITIVE_INTS = ("reuse", "epochs", "batch_size", "grad_accum", "eval_every", "subset", "test_subset")
+# Boolean options whose flag is a negation: the flag that sets the field to False.
+NEGATED_FLAGS = {
+    "download": "--no-download",
+    "augment": "--no-augment",
+    "progress": "--no-progress",
+    "shuffle": "--no-shuffle",
+    "share": "--no-share",
+}
 
 
 def _parser(suppress: bool = False) -> argparse.ArgumentParser:
@@ -141,6 +171,21 @@ def _parser(suppress: bool = False) -> argparse.ArgumentParser:
         choices=("layer", "filter", "kernel"),
         default=d.level,
         help="grain of reuse, passed to LruNet(level=...) when it takes one (default: LruNet's)",
+    )
+    add(
+        "--no-shuffle",
+        dest="shuffle",
+        action="store_false",
+        default=True,
+        help="no channel shuffle between the uses of a block (the ablation; default: the paper's shuffle)",
+    )
+    add(
+        "--no-share",
+        dest="share",
+        action="store_false",
+        default=True,
+        help="every use gets its own convolutions: the same depth built from new layers (the paper's Table 4 "
+        "baseline; default: the uses share them)",
     )
     add("--drop-rate", type=float, default=d.drop_rate, help="dropout (default: 0.5, or 0.7 for cifar100)")
     add("--epochs", type=int, default=d.epochs, help="default: %(default)s (the paper's 200 + 50 + 50)")
@@ -193,17 +238,40 @@ def _parser(suppress: bool = False) -> argparse.ArgumentParser:
     return p
 
 
+def flag(name: str) -> str:
+    """The command-line flag of a Config field, e.g. ``--batch-size`` for ``batch_size``."""
+    return NEGATED_FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+def _range_text(low: float, low_ok: bool, high: float, high_ok: bool) -> str:
+    if math.isinf(high):
+        return f"{'>=' if low_ok else '>'} {low:g}"
+    return f"in {'[' if low_ok else '('}{low:g}, {high:g}{']' if high_ok else ')'}"
+
+
+def check_options(cfg: Config) -> None:
+    """Refuse numbers that cannot make a run: non-positive counts, NaN or infinite floats, floats out of range."""
+    for name in POSITIVE_INTS:
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise ReuseError(f"{flag(name)} must be at least 1, got {value}")
+    for name, (low, low_ok, high, high_ok) in FLOAT_RANGES.items():
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        inside = (value >= low if low_ok else value > low) and (value <= high if high_ok else value < high)
+        if not math.isfinite(value) or not inside:
+            raise ReuseError(
+                f"{flag(name)} must be a finite number {_range_text(low, low_ok, high, high_ok)}, got {value}"
+            )
+
+
 def parse_config(argv: Sequence[str] | None) -> tuple[Config, set[str]]:
     """The configuration, and the names of the options given on the command line."""
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg = Config(**vars(_parser().parse_args(argv)))
     given = set(vars(_parser(suppress=True).parse_args(argv)))
-    for name, low in (("reuse", 1), ("epochs", 1), ("batch_size", 1), ("grad_accum", 1), ("eval_every", 1)):
-        if getattr(cfg, name) < low:
-            raise ReuseError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(cfg, name)}")
-    for name in ("subset", "test_subset"):
-        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
-            raise ReuseError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    check_options(cfg)
     return cfg, given
 
 
@@ -216,8 +284,10 @@ def resolve_defaults(cfg: Config) -> Config:
 
 
 def model_name(cfg: Config) -> str:
-    """The paper's name of the model, e.g. ``8-LruNet-1x``."""
-    return f"{cfg.reuse}-LruNet-{cfg.width:g}x"
+    """The paper's name of the model, e.g. ``8-LruNet-1x``; the ablations add ``-noshare`` / ``-noshuffle``."""
+    return (
+        f"{cfg.reuse}-LruNet-{cfg.width:g}x" + ("" if cfg.share else "-noshare") + ("" if cfg.shuffle else "-noshuffle")
+    )
 
 
 # -------------------------------------------------------------------------------------------------------- data
@@ -260,17 +330,51 @@ def _as_nhwc(images: np.ndarray, path: Path, dataset: str) -> np.ndarray:
     return images
 
 
+NPZ_HINT = "write it again with numpy.savez_compressed(path, images=uint8_array, labels=int64_array)"
+
+
+def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The arrays ``images`` and ``labels`` of ``path``, read without unpickling anything (``allow_pickle=False``).
+    A file that is no readable .npz of plain arrays is a ReuseError that names it and says why."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != b"PK\x03\x04":  # an .npz is a zip archive; this also catches .npy, pickle and text files
+        raise ReuseError(f"{path}: not an .npz archive (a zip file); its first bytes are {head!r}; {NPZ_HINT}")
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise ReuseError(f"{path}: a truncated or corrupt .npz ({type(err).__name__}: {err}); {NPZ_HINT}") from None
+    with npz:
+        missing = {"images", "labels"} - set(npz.files)
+        if missing:
+            raise ReuseError(f"{path}: needs arrays `images` and `labels`, lacks {sorted(missing)}")
+        arrays = []
+        for key in ("images", "labels"):
+            try:
+                arrays.append(npz[key])
+            except ValueError as err:
+                if "allow_pickle" not in str(err):
+                    raise ReuseError(f"{path}: `{key}` cannot be read ({err}); {NPZ_HINT}") from None
+                raise ReuseError(
+                    f"{path}: `{key}` is an array of Python objects (dtype=object), which only unpickling could "
+                    f"read, and this script never unpickles data files (np.load(allow_pickle=False)); {NPZ_HINT}"
+                ) from None
+            except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+                raise ReuseError(
+                    f"{path}: `{key}` cannot be read, the file is truncated or corrupt ({type(err).__name__}: {err}); "
+                    f"{NPZ_HINT}"
+                ) from None
+    return arrays[0], arrays[1]
+
+
 def _load_npz(folder: Path, dataset: str) -> Data:
     arrays = []
     for split in ("train", "test"):
         path = folder / f"{split}.npz"
         if not path.is_file():
             raise ReuseError(_missing_data_message(dataset, folder, f"{folder} holds no {split}.npz"))
-        with np.load(path) as npz:
-            missing = {"images", "labels"} - set(npz.files)
-            if missing:
-                raise ReuseError(f"{path}: needs arrays `images` and `labels`, lacks {sorted(missing)}")
-            images, labels = _as_nhwc(npz["images"], path, dataset), npz["labels"]
+        images, labels = _read_npz(path)
+        images = _as_nhwc(images, path, dataset)
         if labels.shape != (len(images),) or labels.dtype.kind not in "iu":
             raise ReuseError(
                 f"{path}: `labels` must be integers of shape ({len(images)},), got {labels.dtype} {labels.shape}"
@@ -421,7 +525,9 @@ def augment(x: Tensor, p: AugParams, pad: int = 4) -> Tensor:
 
 
 def build_model(cfg: Config, in_chans: int) -> nn.Module:
-    """N-LruNet-wx for ``cfg``; ``--level`` goes to LruNet's ``level=`` when its constructor takes one."""
+    """N-LruNet-wx for ``cfg``; ``--level`` goes to LruNet's ``level=`` when its constructor takes one, and
+    ``--no-shuffle`` / ``--no-share`` to its ``shuffle=False`` / ``share=False`` (left out when not given, so an
+    older LruNet without them still builds the paper's model)."""
     kwargs: dict[str, Any] = dict(
         num_classes=DATASETS[cfg.dataset].num_classes,
         width_mult=cfg.width,
@@ -438,7 +544,18 @@ def build_model(cfg: Config, in_chans: int) -> nn.Module:
                 "only reuse whole layers; update the reuse package to one with filter and kernel reuse, "
                 "or drop --level (layer reuse is what LruNet does)"
             )
-    return LruNet(**kwargs)
+    for name in ("shuffle", "share"):
+        if not getattr(cfg, name):
+            if name not in inspect.signature(LruNet).parameters:
+                raise ReuseError(
+                    f"{flag(name)}: this version of reuse.models.LruNet has no `{name}` argument; update the reuse "
+                    f"package, or drop {flag(name)}"
+                )
+            kwargs[name] = False
+    try:
+        return LruNet(**kwargs)
+    except ReuseError as err:
+        raise ReuseError(f"cannot build {model_name(cfg)} (--reuse {cfg.reuse} --width {cfg.width:g}): {err}") from None
 
 
 def count_mflops(model: nn.Module, shape: tuple[int, int, int], device: torch.device) -> float:
@@ -474,6 +591,21 @@ def make_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+def place_scheduler(
+    opt: torch.optim.Optimizer, cfg: Config, steps_per_epoch: int, step: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """A new schedule for ``cfg.epochs``, placed at ``step`` (the optimiser steps already taken): the optimiser's
+    learning rate (and one-cycle's momentum) become the new schedule's values at that step, and it goes on from
+    there. Used when a resumed run changes ``--epochs``: the steps taken are not redone, the rest follows the
+    schedule of the new length."""
+    sched = make_scheduler(opt, cfg, steps_per_epoch)
+    sched.last_epoch = step - 1
+    with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": deliberate here
+        warnings.simplefilter("ignore", UserWarning)
+        sched.step()  # last_epoch = step; the lr of every group set for it
+    return sched
+
+
 # ------------------------------------------------------------------------------------------------- checkpoints
 
 
@@ -496,6 +628,89 @@ def save_checkpoint(obj: dict[str, Any], path: Path) -> None:
 
 def write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+# The files of a run directory, each written through atomic_write (hence `.NAME.PID.tmp` while it is written).
+RUN_FILES = ("last.pt", "best.pt", "config.json", "metrics.jsonl", "curves.png", "final.json", "write-probe")
+_TEMPORARY = re.compile(r"\.(" + "|".join(re.escape(n) for n in RUN_FILES) + r")\.(\d+)\.tmp")
+CHECKPOINT_KEYS = ("config", "epoch", "best_acc", "history", "model", "optimizer", "scheduler")
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name != "posix":  # os.kill(pid, 0) would terminate the process on Windows: assume it lives
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def remove_stale_temporaries(out: Path) -> list[str]:
+    """Delete the temporary files that a killed save left in the run directory ``out``: only names of the
+    form ``.FILE.PID.tmp`` with FILE one of :data:`RUN_FILES`, and only when process PID is gone (or is this
+    one, which has written nothing yet). Returns the names removed."""
+    removed = []
+    for path in sorted(out.glob(".*.tmp")) if out.is_dir() else []:
+        match = _TEMPORARY.fullmatch(path.name)
+        if match and path.is_file() and (int(match[2]) == os.getpid() or not _pid_alive(int(match[2]))):
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
+
+
+def check_writable(out: Path) -> None:
+    """Make sure files can be created in ``out`` before any work starts: create it (and its parents), write
+    and delete a probe file. Folders this created are removed again, so a run that stops before its first
+    write leaves nothing behind."""
+    created = [p for p in (out, *out.parents) if not p.exists()]
+    probe = out / f".write-probe.{os.getpid()}.tmp"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ReuseError(
+            f"--out {out}: cannot write there ({type(err).__name__}: {err.strerror or err}); pass a writable "
+            f"directory to --out"
+        ) from None
+    finally:
+        for folder in created:  # the deepest first
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read ``path``, a ``last.pt`` of this script, for ``--resume``. A file that cannot be read (truncated,
+    corrupt, text) or that is some other torch file (a plain state dict) is a ReuseError that says which."""
+    fix = f"restore {path.name} from a copy, or start a new run with another --out"
+    try:
+        ckpt = torch.load(path, map_location="cpu")
+    except Exception as err:  # noqa: BLE001 - torch raises many kinds (zip, unpickling, EOF): all mean "unreadable"
+        reason = re.split(r"(?<=\.)\s", str(err).strip(), maxsplit=1)[0][:200]  # the first sentence
+        raise ReuseError(
+            f"--resume: {path} cannot be read ({type(err).__name__}: {reason}): it is truncated, corrupt or not a "
+            f"torch file; {fix}"
+        ) from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        what = f"a dict with {len(ckpt)} keys" if isinstance(ckpt, dict) else f"a {type(ckpt).__name__}"
+        raise ReuseError(
+            f"--resume: {path} is not a checkpoint of lrunet_cifar.py: it is {what}, without {', '.join(missing)} "
+            f"(a plain state dict?); {fix}"
+        )
+    try:
+        Config(**ckpt["config"])
+    except TypeError as err:
+        raise ReuseError(
+            f"--resume: {path} holds a configuration this script does not know ({err}); was it written by another "
+            f"version of lrunet_cifar.py? {fix}"
+        ) from None
+    return ckpt
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -687,44 +902,133 @@ def _pick_device(kind: str, dd_local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def _prepare_run(cfg: Config, given: set[str], dd: Dist) -> tuple[Config, Path, dict[str, Any] | None]:
-    """The run directory, the effective config and, with ``--resume``, the checkpoint to continue from."""
+@dataclass
+class Run:
+    """A run before it trains: its configuration, its directory and, when resumed, the checkpoint it continues."""
+
+    cfg: Config
+    out: Path
+    ckpt: dict[str, Any] | None  # the last.pt to continue from (--resume), else None
+    epochs_changes: list[dict[str, int]]  # each change of --epochs on a resume: after_epoch, from, to
+    removed: list[str]  # stale temporary files deleted from the run directory
+
+
+def _clash(name: str, value: Any, saved: Any) -> str:
+    if isinstance(value, bool):  # a given boolean flag always sets the non-default, so the run has the default
+        return f"{flag(name)} (the run was started without it)"
+    return f"{flag(name)} {value} (the run has {saved})"
+
+
+def _resume_config(cfg: Config, given: set[str], out: Path, ckpt: dict[str, Any]) -> Config:
+    """The configuration of the run in ``out``, with this command line's runtime options and ``--epochs``."""
+    saved, done = Config(**ckpt["config"]), ckpt["epoch"]
+    clash = [
+        _clash(k, getattr(cfg, k), getattr(saved, k))
+        for k in sorted(given - RUNTIME_OPTIONS - {"epochs"})
+        if getattr(cfg, k) != getattr(saved, k)
+    ]
+    if clash:
+        raise ReuseError(
+            f"--resume {out}: a resumed run keeps its configuration (only --epochs may change), but "
+            f"{', '.join(clash)}; drop these flags, or start a new run with another --out"
+        )
+    epochs = cfg.epochs if "epochs" in given else saved.epochs
+    if epochs < done:
+        raise ReuseError(
+            f"--resume {out}: --epochs {epochs} is fewer than the {done} epochs the run has done; pass --epochs "
+            f"{done} or more, or leave --epochs out to keep the run's {saved.epochs}"
+        )
+    # Runtime options come from this command line; --data-dir from the run unless given again.
+    runtime = {k: getattr(cfg, k) for k in RUNTIME_OPTIONS if k != "data_dir" or k in given}
+    return Config(**{**asdict(saved), **runtime, "epochs": epochs})
+
+
+def _prepare_run(cfg: Config, given: set[str], dd: Dist) -> Run:
+    """The run directory, the effective config and, with ``--resume``, the checkpoint to continue from; checks
+    that the directory is writable and clears the temporaries of a killed save, all before any work starts."""
+    ckpt, changes = None, []
     if cfg.resume:
         if cfg.out is None:
             raise ReuseError("--resume needs --out DIR, the run directory whose last.pt to continue")
         out = Path(cfg.out)
         if not (out / "last.pt").is_file():
             raise ReuseError(f"--resume: {out / 'last.pt'} does not exist; start the run without --resume")
-        ckpt = torch.load(out / "last.pt", map_location="cpu")
-        saved = Config(**ckpt["config"])
-        clash = [
-            f"--{k.replace('_', '-')} {getattr(cfg, k)} (the run has {getattr(saved, k)})"
-            for k in sorted(given - RUNTIME_OPTIONS)
-            if getattr(cfg, k) != getattr(saved, k)
-        ]
-        if clash:
+        ckpt = load_checkpoint(out / "last.pt")
+        cfg = _resume_config(cfg, given, out, ckpt)
+        changes = list(ckpt.get("epochs_changes", []))
+        if cfg.epochs != ckpt["config"]["epochs"]:
+            changes.append({"after_epoch": ckpt["epoch"], "from": ckpt["config"]["epochs"], "to": cfg.epochs})
+    else:
+        cfg = resolve_defaults(cfg)
+        if cfg.out is None:
+            stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+            variant = ("" if cfg.share else "-noshare") + ("" if cfg.shuffle else "-noshuffle")
+            name = f"runs/{cfg.dataset}-{cfg.reuse}-lrunet-{cfg.width:g}x{variant}-{stamp}"
+            if dd.world > 1:  # every process must use the directory of process 0
+                box = [name]
+                dist.broadcast_object_list(box, src=0)
+                name = box[0]
+            cfg = Config(**{**asdict(cfg), "out": name})
+        out = Path(cfg.out)
+        if (out / "last.pt").exists():
             raise ReuseError(
-                f"--resume {out}: a resumed run keeps its configuration, but {', '.join(clash)}; drop these "
-                f"flags, or start a new run with another --out"
+                f"--out {out} already holds a run (last.pt); pass --resume to continue it, or another --out to "
+                f"start anew"
             )
-        # Runtime options come from this command line; --data-dir from the run unless given again.
-        runtime = {k: getattr(cfg, k) for k in RUNTIME_OPTIONS if k != "data_dir" or k in given}
-        return Config(**{**asdict(saved), **runtime}), out, ckpt
-    cfg = resolve_defaults(cfg)
-    if cfg.out is None:
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        name = f"runs/{cfg.dataset}-{cfg.reuse}-lrunet-{cfg.width:g}x-{stamp}"
-        if dd.world > 1:  # every process must use the directory of process 0
-            box = [name]
-            dist.broadcast_object_list(box, src=0)
-            name = box[0]
-        cfg = Config(**{**asdict(cfg), "out": name})
-    out = Path(cfg.out)
-    if (out / "last.pt").exists():
-        raise ReuseError(
-            f"--out {out} already holds a run (last.pt); pass --resume to continue it, or another --out to start anew"
-        )
-    return cfg, out, None
+    removed = []
+    if dd.main:
+        check_writable(out)
+        removed = remove_stale_temporaries(out)
+    return Run(cfg, out, ckpt, changes, removed)
+
+
+class RunDiverged(ReuseError):
+    """The loss of a run became NaN or infinite; the run stopped before it saved anything of that epoch."""
+
+
+def _check_finite(epoch: int, cfg: Config, losses: dict[str, float | None], out: Path) -> None:
+    """Stop a diverged run (a NaN or infinite loss) before it saves anything of the epoch."""
+    for what, value in losses.items():
+        if value is not None and not math.isfinite(value):
+            kept = f"{out / 'last.pt'} still holds epoch {epoch}" if epoch else "no checkpoint was written"
+            raise RunDiverged(
+                f"epoch {epoch + 1}/{cfg.epochs}: the {what} loss is {value}: the run diverged; nothing of this "
+                f"epoch was saved, {kept}; start a new run with a lower --lr (this one has {cfg.lr})"
+            )
+
+
+def _write_or_stop(path: Path, write: Callable[[Path], None], out: Path, done: int) -> None:
+    """``write(path)``; a disk error (full, read-only) becomes one ReuseError that says what is kept: every file
+    of the run is replaced in one rename or not at all, so ``last.pt`` still holds epoch ``done``, whole."""
+    try:
+        write(path)
+    except OSError as err:
+        kept = f"{out / 'last.pt'} still holds epoch {done}, whole" if done else "no epoch was saved yet"
+        then = f"continue with --out {out} --resume" if done else "start the run again"
+        raise ReuseError(f"writing {path} failed ({err.strerror or err}); {kept}; free space, then {then}") from None
+
+
+def _save_epoch(
+    out: Path,
+    state: dict[str, Any],
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    improved: bool,
+    title: str,
+) -> None:
+    """Write the run directory after an epoch: best.pt (when the test accuracy improved) before last.pt, so a
+    kill between the two leaves a last.pt that agrees with best.pt; then metrics.jsonl and curves.png."""
+    done, history = state["epoch"] - 1, state["history"]  # last.pt holds epoch `done` until it is replaced
+    weights = model.state_dict()
+    if improved:
+        best = {**state, "model": weights, "test_acc": history[-1]["test_acc"]}
+        _write_or_stop(out / "best.pt", lambda p: save_checkpoint(best, p), out, done)
+    full = {**state, "model": weights, "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}
+    _write_or_stop(out / "last.pt", lambda p: save_checkpoint(full, p), out, done)
+    lines = "".join(json.dumps(h) + "\n" for h in history)
+    _write_or_stop(out / "metrics.jsonl", lambda p: write_text(p, lines), out, done + 1)
+    _write_or_stop(out / "curves.png", lambda p: plot_curves(history, p, title), out, done + 1)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -740,7 +1044,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def _run(cfg: Config, given: set[str], dd: Dist, wall0: float) -> dict[str, Any]:
-    cfg, out, ckpt = _prepare_run(cfg, given, dd)
+    run = _prepare_run(cfg, given, dd)
+    cfg, out, ckpt = run.cfg, run.out, run.ckpt
     device = _pick_device(cfg.device, dd.local_rank)
     cuda = device.type == "cuda"
     if cfg.batch_size % (dd.world * cfg.grad_accum):
@@ -748,9 +1053,17 @@ def _run(cfg: Config, given: set[str], dd: Dist, wall0: float) -> dict[str, Any]
             f"--batch-size {cfg.batch_size} is the global batch; it must split evenly over {dd.world} processes x "
             f"{cfg.grad_accum} micro-batches (--grad-accum)"
         )
+    if cfg.sync_bn and dd.world > 1 and not cuda:
+        raise ReuseError(
+            "--sync-bn needs CUDA: PyTorch's SyncBatchNorm has no CPU implementation; drop --sync-bn "
+            "(each process then normalises with the statistics of its share of the batch)"
+        )
     log = print if dd.main else (lambda *a, **k: None)
 
-    data = load_data(cfg)
+    torch.manual_seed(cfg.seed)  # the same initial weights in every process
+    model = build_model(cfg, in_chans=DATASETS[cfg.dataset].channels)  # before the data: a bad --width stops here
+
+    data = load_data(cfg)  # its channels were checked against the dataset's
     shape = (data.train_x.shape[3], data.train_x.shape[1], data.train_x.shape[2])  # (C, H, W)
     data = Data(*(t.to(device) for t in (data.train_x, data.train_y, data.test_x, data.test_y)), source=data.source)
 
@@ -760,14 +1073,8 @@ def _run(cfg: Config, given: set[str], dd: Dist, wall0: float) -> dict[str, Any]
         torch.backends.cudnn.allow_tf32 = True
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
 
-    torch.manual_seed(cfg.seed)  # the same initial weights in every process
-    model = build_model(cfg, in_chans=shape[0]).to(device)
+    model = model.to(device)
     if cfg.sync_bn and dd.world > 1:
-        if not cuda:
-            raise ReuseError(
-                "--sync-bn needs CUDA: PyTorch's SyncBatchNorm has no CPU implementation; drop --sync-bn "
-                "(each process then normalises with the statistics of its share of the batch)"
-            )
         # Replaces every BatchNorm, the per-use copies inside the reused blocks included; shared convolutions
         # stay shared (the conversion keeps modules without BatchNorm as they are).
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -778,12 +1085,27 @@ def _run(cfg: Config, given: set[str], dd: Dist, wall0: float) -> dict[str, Any]
     steps_per_epoch = math.ceil(len(data.train_y) / cfg.batch_size)
     sched = make_scheduler(opt, cfg, steps_per_epoch)
 
-    start_epoch, best_acc, history = 0, -1.0, []
+    start_epoch, best_acc, history, resumed = 0, -1.0, [], ""
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as err:
+            raise ReuseError(
+                f"--resume: the weights in {out / 'last.pt'} do not fit the model of its own configuration "
+                f"({str(err).splitlines()[0]}); start a new run with another --out"
+            ) from None
         opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
         start_epoch, best_acc, history = ckpt["epoch"], ckpt["best_acc"], ckpt["history"]
+        resumed = f" | resuming after epoch {start_epoch}"
+        if cfg.epochs == ckpt["config"]["epochs"]:
+            sched.load_state_dict(ckpt["scheduler"])
+        else:  # --epochs changed: the schedule of the new length, from the step reached
+            sched = place_scheduler(opt, cfg, steps_per_epoch, start_epoch * steps_per_epoch)
+            resumed += (
+                f", --epochs {ckpt['config']['epochs']} -> {cfg.epochs}: the {cfg.schedule} schedule is recomputed "
+                f"for {cfg.epochs} epochs and goes on from step {start_epoch * steps_per_epoch} of "
+                f"{cfg.epochs * steps_per_epoch} (lr now {sched.get_last_lr()[0]:.4g})"
+            )
     train_model: nn.Module = model
     if dd.world > 1:
         # Reused blocks use their weights several times per forward; autograd sums those uses before the
@@ -796,13 +1118,17 @@ def _run(cfg: Config, given: set[str], dd: Dist, wall0: float) -> dict[str, Any]
 
     if dd.main:
         out.mkdir(parents=True, exist_ok=True)
-        write_text(out / "config.json", json.dumps(asdict(cfg), indent=2) + "\n")
+        config = {**asdict(cfg), "epochs_changes": run.epochs_changes}
+        _write_or_stop(
+            out / "config.json", lambda p: write_text(p, json.dumps(config, indent=2) + "\n"), out, start_epoch
+        )
     name = model_name(cfg)
     log(
         f"{name} on {cfg.dataset} ({data.source}: {len(data.train_y)} train, {len(data.test_y)} test images) | "
         f"{params / 1e3:.1f}k params, {mflops:.1f} MFLOPs | {device.type} x {dd.world} | batch {cfg.batch_size}, "
         f"{steps_per_epoch} steps/epoch, schedule {cfg.schedule}, lr {cfg.lr} | run dir {out}"
-        + (f" | resuming after epoch {start_epoch}" if ckpt is not None else "")
+        + resumed
+        + (f" | removed stale temporary files: {', '.join(run.removed)}" if run.removed else "")
     )
 
     for epoch in range(start_epoch, cfg.epochs):
@@ -813,6 +1139,7 @@ def _run(cfg: Config, given: set[str], dd: Dist, wall0: float) -> dict[str, Any]
                 for b in model.buffers():
                     dist.broadcast(b, src=0)
             test_loss, test_acc = evaluate(model, data.test_x, data.test_y, ctx, dd)
+        _check_finite(epoch, cfg, {"training": stats["train_loss"], "test": test_loss}, out)
         prev_time = history[-1]["time_s"] if history else 0.0
         record = {
             "epoch": epoch + 1,
@@ -831,18 +1158,14 @@ def _run(cfg: Config, given: set[str], dd: Dist, wall0: float) -> dict[str, Any]
             + f"  {stats['epoch_s']:.1f} s, {stats['img_per_s']:.0f} img/s"
         )
         if dd.main:
-            state = {"config": asdict(cfg), "epoch": epoch + 1, "best_acc": best_acc, "history": history}
-            if improved:  # best.pt first: a kill between the two leaves a last.pt that agrees with best.pt
-                save_checkpoint({**state, "model": model.state_dict(), "test_acc": test_acc}, out / "best.pt")
-            full = {
-                **state,
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
+            state = {
+                "config": asdict(cfg),
+                "epoch": epoch + 1,
+                "best_acc": best_acc,
+                "history": history,
+                "epochs_changes": run.epochs_changes,
             }
-            save_checkpoint(full, out / "last.pt")
-            write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
-            plot_curves(history, out / "curves.png", f"{name} on {cfg.dataset}")
+            _save_epoch(out, state, model, opt, sched, improved, f"{name} on {cfg.dataset}")
         if dd.world > 1:
             dist.barrier()
 
@@ -855,6 +1178,8 @@ def _run(cfg: Config, given: set[str], dd: Dist, wall0: float) -> dict[str, Any]
         "best_acc": best_acc if best_acc >= 0 else None,
         "last_acc": last_acc,
         "epochs": cfg.epochs,
+        "share": cfg.share,
+        "shuffle": cfg.shuffle,
         "train_images": len(data.train_y),
         "test_images": len(data.test_y),
         "train_time_s": round(history[-1]["time_s"], 1) if history else 0.0,
@@ -863,18 +1188,23 @@ def _run(cfg: Config, given: set[str], dd: Dist, wall0: float) -> dict[str, Any]
         "out": str(out),
     }
     if dd.main:
-        write_text(out / "final.json", json.dumps(final, indent=2) + "\n")
+        text = json.dumps(final, indent=2) + "\n"
+        _write_or_stop(out / "final.json", lambda p: write_text(p, text), out, cfg.epochs)
         print(json.dumps(final), flush=True)
     return final
 
 
-def cli() -> None:
-    """The command line: errors the user can fix print as one message, not a traceback."""
+def cli(argv: Sequence[str] | None = None) -> None:
+    """The command line: errors the user can fix print as one line on stderr and exit non-zero, never a
+    traceback."""
     try:
-        main()
+        main(argv)
     except ReuseError as err:
-        print(f"lrunet_cifar.py: error: {err}", file=sys.stderr)
+        print(f"lrunet_cifar.py: error: {' '.join(str(err).splitlines())}", file=sys.stderr)
         sys.exit(2)
+    except OSError as err:  # the file system, where no check saw it coming (a folder removed mid-run, ...)
+        print(f"lrunet_cifar.py: error: {type(err).__name__}: {err}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("lrunet_cifar.py: interrupted; continue with --out DIR --resume", file=sys.stderr)
         sys.exit(130)

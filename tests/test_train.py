@@ -1,14 +1,18 @@
 """Tests of the training script ``examples/lrunet_cifar.py`` on the CPU.
 
 End to end on tiny real data (the Fashion-MNIST subset shipped in ``examples/data``), the CIFAR-100 defaults on
-generated data, exact resume, atomic checkpoints (a failing save and a real SIGKILL), DDP on gloo with two
-processes against one process, the on-device augmentation, and the messages for missing or malformed data.
+generated data, exact resume (and resume with more epochs), atomic checkpoints (a failing save, a full disk and a
+real SIGKILL), stale temporaries, DDP on gloo with two processes against one process, the on-device augmentation,
+the ablation flags ``--no-share`` and ``--no-shuffle``, and the one-line messages for bad options, missing,
+malformed or corrupt data, unwritable run directories, bad checkpoints and diverged runs.
 """
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
+import math
 import os
 import signal
 import subprocess
@@ -65,6 +69,45 @@ def _one_thread():
 
 def _weights(run: Path, name: str = "last.pt") -> dict[str, torch.Tensor]:
     return torch.load(run / name, map_location="cpu")["model"]
+
+
+def _cli_error(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], args: list[str]) -> str:
+    """Run the command line in this process with ``args``; check that it exits non-zero with exactly one line on
+    stderr, ``lrunet_cifar.py: error: ...``, and no traceback; return that line."""
+    monkeypatch.setattr(sys, "argv", ["lrunet_cifar.py", *args])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        lc.cli()
+    err = capsys.readouterr().err
+    assert stop.value.code not in (0, None), err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lrunet_cifar.py: error: "), err
+    return lines[0]
+
+
+def _no_data_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make any data load fail the test: what must be checked before the work starts is checked before it."""
+
+    def fail(cfg: object) -> None:
+        raise AssertionError("the data were loaded before the bad option was found")
+
+    monkeypatch.setattr(lc, "load_data", fail)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished one-epoch run; tests copy it rather than change it."""
+    run = tmp_path_factory.mktemp("finished") / "run"
+    torch.set_num_threads(1)
+    lc.main([*TINY, "--epochs", "1", "--out", str(run)])
+    return run
+
+
+def _copy_run(run: Path, dest: Path) -> Path:
+    dest.mkdir()
+    for f in run.iterdir():
+        (dest / f.name).write_bytes(f.read_bytes())
+    return dest
 
 
 # --------------------------------------------------------------------------------------------------- end to end
@@ -196,8 +239,98 @@ def test_resume_and_out_refuse_what_they_cannot_do(tmp_path: Path) -> None:
     lc.main([*TINY, "--epochs", "1", "--out", str(run)])
     with pytest.raises(reuse.ReuseError, match="already holds a run"):
         lc.main([*TINY, "--epochs", "1", "--out", str(run)])
-    with pytest.raises(reuse.ReuseError, match=r"--epochs 5 \(the run has 1\)"):
-        lc.main(["--resume", "--out", str(run), "--epochs", "5"])
+    with pytest.raises(reuse.ReuseError, match=r"--lr 0.5 \(the run has 0.1\)"):
+        lc.main(["--resume", "--out", str(run), "--lr", "0.5"])
+    with pytest.raises(reuse.ReuseError, match=r"--no-share \(the run was started without it\)"):
+        lc.main(["--resume", "--out", str(run), "--no-share", "--epochs", "3"])
+
+
+def test_resume_can_raise_epochs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A finished 2-epoch cosine run, resumed with --epochs 4: it trains epochs 3 and 4 on the cosine of the new
+    length (placed at the step reached), says so, and records the change; lowering below the epochs done is
+    refused."""
+    run = tmp_path / "run"
+    lc.main([*TINY, "--schedule", "cosine", "--epochs", "2", "--out", str(run)])
+    before = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    capsys.readouterr()
+    final = lc.main(["--out", str(run), "--resume", "--epochs", "4", "--no-progress"])
+    log = capsys.readouterr().out
+    assert "resuming after epoch 2, --epochs 2 -> 4" in log and "recomputed for 4 epochs" in log
+    assert final["epochs"] == 4
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4] and history[:2] == before
+    steps = 64 // 16  # per epoch
+    cosine = [0.1 * 0.5 * (1 + math.cos(math.pi * (e * steps) / (4 * steps))) for e in (3, 4)]  # lr after epoch e
+    assert [h["lr"] for h in history[2:]] == pytest.approx(cosine, abs=1e-12)
+    config = json.loads((run / "config.json").read_text())
+    assert config["epochs"] == 4 and config["epochs_changes"] == [{"after_epoch": 2, "from": 2, "to": 4}]
+    assert torch.load(run / "last.pt")["config"]["epochs"] == 4
+    with pytest.raises(reuse.ReuseError, match="--epochs 3 is fewer than the 4 epochs the run has done"):
+        lc.main(["--out", str(run), "--resume", "--epochs", "3"])
+
+
+@pytest.mark.parametrize("schedule", ["paper", "cosine", "onecycle"])
+def test_a_placed_schedule_goes_on_as_one_of_the_new_length(schedule: str) -> None:
+    """Six epochs of three steps done, the run extended to twelve: from step 18 on, the learning rate (and
+    one-cycle's momentum) are those of a fresh twelve-epoch schedule at the same step."""
+    steps, done, total = 3, 6 * 3, 12 * 3
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1, momentum=0.9)
+    old = lc.make_scheduler(opt, lc.parse_config(["--epochs", "6", "--schedule", schedule])[0], steps)
+    for _ in range(done):
+        opt.step()
+        old.step()
+    sched = lc.place_scheduler(opt, lc.parse_config(["--epochs", "12", "--schedule", schedule])[0], steps, done)
+    if schedule == "onecycle":  # the reference: torch's OneCycleLR of the new length, stepped from the start
+        ref_opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1, momentum=0.9)
+        ref = torch.optim.lr_scheduler.OneCycleLR(ref_opt, max_lr=0.1, total_steps=total)
+        expected, momenta = [], []
+        for step in range(total + 1):
+            if step >= done:
+                expected.append(ref_opt.param_groups[0]["lr"])
+                momenta.append(ref_opt.param_groups[0]["momentum"])
+            if step < total:
+                ref_opt.step()
+                ref.step()
+    elif schedule == "cosine":
+        expected = [0.1 * 0.5 * (1 + math.cos(math.pi * s / total)) for s in range(done, total + 1)]
+    else:  # milestones at round(2 * 12 / 3) = 8 and round(5 * 12 / 6) = 10 epochs: back to 0.1 at epoch 6
+        expected = [0.1 * 0.1 ** ((s // steps >= 8) + (s // steps >= 10)) for s in range(done, total + 1)]
+    seen, seen_momenta = [], []
+    for step in range(done, total + 1):
+        seen.append(opt.param_groups[0]["lr"])
+        seen_momenta.append(opt.param_groups[0]["momentum"])
+        if step < total:
+            opt.step()
+            sched.step()
+    assert seen == pytest.approx(expected, abs=1e-12)
+    if schedule == "onecycle":
+        assert seen_momenta == pytest.approx(momenta, abs=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "text", "state dict", "tensor"])
+def test_resume_refuses_a_bad_last_pt(
+    kind: str,
+    finished_run: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    run = _copy_run(finished_run, tmp_path / "run")
+    good = (run / "last.pt").read_bytes()
+    if kind == "truncated":
+        (run / "last.pt").write_bytes(good[: len(good) // 2])
+    elif kind == "text":
+        (run / "last.pt").write_text("not a checkpoint\n")
+    elif kind == "state dict":  # a valid torch file, but not ours
+        torch.save(LruNet(10, width_mult=0.25, reuse=2, in_chans=1).state_dict(), run / "last.pt")
+    else:
+        torch.save(torch.zeros(3), run / "last.pt")
+    before = (run / "last.pt").read_bytes()
+    _no_data_load(monkeypatch)
+    line = _cli_error(monkeypatch, capsys, ["--out", str(run), "--resume", "--no-progress"])
+    assert str(run / "last.pt") in line
+    assert ("cannot be read" if kind in ("truncated", "text") else "not a checkpoint of lrunet_cifar.py") in line
+    assert (run / "last.pt").read_bytes() == before  # left as it was
 
 
 # ------------------------------------------------------------------------------------------ atomic checkpoints
@@ -218,6 +351,85 @@ def test_failed_save_leaves_the_old_checkpoint(tmp_path: Path, monkeypatch: pyte
     old = torch.load(path)
     assert old["epoch"] == 1 and torch.equal(old["w"], torch.arange(10))
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
+
+
+def test_full_disk_during_a_save_stops_with_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The disk fills up while epoch 2 is saved: one error line that says last.pt still holds epoch 1, a
+    non-zero exit, last.pt whole, no temporary left; once there is room, --resume finishes the run."""
+    run = tmp_path / "run"
+    real_save = torch.save
+
+    def full_disk(obj: object, f: Path) -> None:
+        if Path(f).name.startswith(".last.pt.") and obj["epoch"] == 2:
+            Path(f).write_bytes(b"PK\x03\x04 half a checkpoint")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_save(obj, f)
+
+    monkeypatch.setattr(lc.torch, "save", full_disk)
+    line = _cli_error(monkeypatch, capsys, [*TINY, "--epochs", "2", "--out", str(run)])
+    assert f"writing {run / 'last.pt'} failed (No space left on device)" in line
+    assert f"{run / 'last.pt'} still holds epoch 1" in line and "--resume" in line
+    monkeypatch.undo()
+    assert torch.load(run / "last.pt")["epoch"] == 1
+    assert not list(run.glob(".*tmp"))
+    assert lc.main(["--out", str(run), "--resume", "--no-progress"])["epochs"] == 2
+
+
+def test_stale_temporaries_are_removed_at_start_and_on_resume(tmp_path: Path) -> None:
+    """A kill during a save leaves ``.NAME.PID.tmp`` behind. A run starting or resuming in the directory deletes
+    those of dead processes, and nothing else: not other files, not another pattern, not a live process's."""
+    run = tmp_path / "run"
+    run.mkdir()
+    dead = 2**31 - 1  # above any pid_max: no such process
+    stale = [f".last.pt.{dead}.tmp", f".curves.png.{dead}.tmp", f".metrics.jsonl.{dead}.tmp"]
+    kept = ["notes.txt", ".last.pt.tmp", f".other.{dead}.tmp", f".last.pt.{os.getppid()}.tmp", f"last.pt.{dead}.tmp"]
+    for name in stale + kept:
+        (run / name).write_text("x")
+    lc.main([*TINY, "--epochs", "1", "--out", str(run)])
+    assert not any((run / name).exists() for name in stale)
+    assert all((run / name).read_text() == "x" for name in kept)
+    (run / f".best.pt.{dead}.tmp").write_bytes(b"half")
+    lc.main(["--out", str(run), "--resume", "--epochs", "2", "--no-progress"])
+    assert not (run / f".best.pt.{dead}.tmp").exists()
+    assert all((run / name).read_text() == "x" for name in kept)
+
+
+def test_unwritable_out_is_found_before_the_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--out below a regular file cannot be created (whoever runs the test, root included)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("keep me")
+    _no_data_load(monkeypatch)
+    line = _cli_error(monkeypatch, capsys, [*TINY, "--epochs", "1", "--out", str(blocker / "run")])
+    assert f"--out {blocker / 'run'}: cannot write there" in line
+    assert blocker.read_text() == "keep me"
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_out_is_found_before_the_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        _no_data_load(monkeypatch)
+        line = _cli_error(monkeypatch, capsys, [*TINY, "--epochs", "1", "--out", str(locked / "run")])
+        assert "cannot write there" in line and not (locked / "run").exists()
+    finally:
+        locked.chmod(0o700)
+
+
+def test_a_run_that_stops_before_writing_leaves_no_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The write check creates --out and its parents, and removes them again when the run stops before its first
+    write (here: no data)."""
+    _no_data_load(monkeypatch)
+    with pytest.raises(AssertionError, match="the data were loaded"):
+        lc.main([*TINY, "--epochs", "1", "--out", str(tmp_path / "new" / "deeper" / "run")])
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_sigkill_during_saves_never_corrupts(tmp_path: Path) -> None:
@@ -368,6 +580,43 @@ def test_level_goes_to_lrunet_only_when_it_takes_one(monkeypatch: pytest.MonkeyP
     lc.build_model(lc.resolve_defaults(lc.parse_config(["--level", "layer"])[0]), 3)  # what LruNet does anyway
 
 
+def lrunet_params(n: int, width: float, classes: int, in_chans: int, share: bool) -> int:
+    """LruNet's parameters by hand from the paper's Table 1: stem conv + BN; per LRU block of F channels a
+    depthwise 3x3 F -> 2F (18F weights) and a pointwise 2F -> F in 8 groups (F^2 / 4), once when the N uses share
+    them, N times when not, and per use their two BatchNorms (4F + 2F); the head's 1x1 conv in 8 groups, BN and
+    the classifier with bias."""
+    stages = [round(c * width) for c in (64, 128, 256, 512)]
+    stem, head = (64 if width in (1.0, 2.0) else stages[0]), round(256 * width)
+    convs = sum(18 * f + f * f // 4 for f in stages)
+    norms = sum(6 * f for f in stages)
+    return (
+        9 * in_chans * stem + 2 * stem
+        + (1 if share else n) * convs + n * norms
+        + stages[3] * head // 8 + 2 * head + head * classes + classes
+    )  # fmt: skip
+
+
+def test_no_share_builds_new_layers_through_the_script(tmp_path: Path) -> None:
+    assert lrunet_params(8, 1.0, 10, 3, share=False) == 901_962  # the paper's 902k (Table 4), as a check of the count
+    assert lrunet_params(14, 1.0, 10, 3, share=True) == 206_282  # the paper's 206k (Table 2)
+    final = lc.main([*TINY, "--epochs", "1", "--no-share", "--out", str(tmp_path / "run")])
+    assert final["params"] == lrunet_params(2, 0.25, 10, 1, share=False) != lrunet_params(2, 0.25, 10, 1, share=True)
+    assert final["model"] == "2-LruNet-0.25x-noshare" and final["share"] is False and final["shuffle"] is True
+    weights = _weights(tmp_path / "run")
+    assert not torch.equal(weights["stage2.uses.0.dw.weight"], weights["stage2.uses.1.dw.weight"])
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["share"] is False
+
+
+def test_no_shuffle_reaches_the_model(tmp_path: Path) -> None:
+    cfg = lc.resolve_defaults(lc.parse_config([*TINY, "--no-shuffle"])[0])
+    assert all(stage.shuffle is None for stage in lc.build_model(cfg, 1).stages)
+    plain = lc.resolve_defaults(lc.parse_config(TINY)[0])
+    assert all(stage.shuffle is not None for stage in lc.build_model(plain, 1).stages)
+    final = lc.main([*TINY, "--epochs", "1", "--no-shuffle", "--out", str(tmp_path / "run")])
+    assert final["model"] == "2-LruNet-0.25x-noshuffle" and final["shuffle"] is False and final["share"] is True
+    assert final["params"] == lrunet_params(2, 0.25, 10, 1, share=True)  # a shuffle has no parameters
+
+
 def test_paper_schedule_is_200_50_50_scaled() -> None:
     cfg = lc.parse_config(["--epochs", "6"])[0]
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
@@ -436,6 +685,70 @@ def test_malformed_npz_is_named(tmp_path: Path, files: dict, match: str) -> None
     with pytest.raises(reuse.ReuseError, match=match) as err:
         lc.load_data(cfg)
     assert str(tmp_path) in str(err.value)
+
+
+def _npz_bytes(**arrays: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+GOOD = dict(images=np.zeros((4, 28, 28), np.uint8), labels=np.zeros(4, np.int64))
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (_npz_bytes(**GOOD)[:300], "truncated or corrupt"),
+        (_npz_bytes(**GOOD)[:-40], "truncated or corrupt"),
+        (b"images,labels\n0,0\n", "not an .npz archive"),
+        (b"", "not an .npz archive"),
+        (b"\x93NUMPY" + b"\x00" * 100, "not an .npz archive"),  # an .npy file under the .npz name
+        (_npz_bytes(images=np.array([np.zeros(3), "x"], dtype=object), labels=np.zeros(2, np.int64)), "Python objects"),
+    ],
+    ids=["truncated", "cut-short", "text", "empty", "npy", "object-array"],
+)
+def test_corrupt_npz_is_one_line_naming_the_file(
+    tmp_path: Path, content: bytes, match: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    np.savez(tmp_path / "test.npz", **GOOD)
+    (tmp_path / "train.npz").write_bytes(content)
+    args = ["--dataset", "fashion-mnist", "--data-dir", str(tmp_path), "--no-progress", "--out", str(tmp_path / "r")]
+    line = _cli_error(monkeypatch, capsys, args)
+    assert f"{tmp_path / 'train.npz'}: " in line and match in line
+    assert (tmp_path / "train.npz").read_bytes() == content and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--lr", "-1"), ("--lr", "0"), ("--lr", "nan"), ("--lr", "inf"), ("--momentum", "-1"), ("--momentum", "1"),
+        ("--weight-decay", "-1"), ("--weight-decay", "nan"), ("--drop-rate", "1.5"), ("--drop-rate", "-0.1"),
+        ("--width", "nan"), ("--width", "-1"), ("--width", "0.3"), ("--epochs", "0"), ("--batch-size", "0"),
+        ("--grad-accum", "0"), ("--eval-every", "0"), ("--subset", "0"), ("--test-subset", "-3"), ("--reuse", "0"),
+    ],
+)  # fmt: skip
+def test_bad_numbers_are_refused_before_any_work(
+    tmp_path: Path, option: str, value: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _no_data_load(monkeypatch)
+    line = _cli_error(monkeypatch, capsys, [*TINY, option, value, "--out", str(tmp_path / "r")])
+    assert option in line and value in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_diverged_run_stops_with_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A learning rate of 1e30 turns the loss into NaN in the first epoch: an error line, not a 'finished' run."""
+    run = tmp_path / "run"
+    line = _cli_error(monkeypatch, capsys, [*TINY, "--epochs", "2", "--lr", "1e30", "--out", str(run)])
+    assert "epoch 1/2: the training loss is nan: the run diverged" in line and "lower --lr" in line
+    assert not (run / "last.pt").exists() and not (run / "final.json").exists()
+    with pytest.raises(lc.RunDiverged):  # what benchmarks/reproduce.py records as a diverged grid point
+        lc.main([*TINY, "--epochs", "1", "--lr", "1e30", "--out", str(tmp_path / "again")])
 
 
 def test_sync_bn_keeps_the_reuse_structure() -> None:

@@ -1,0 +1,181 @@
+"""Tests of the evidence harness ``benchmarks/reproduce.py`` on the CPU.
+
+A two-point grid on the shipped Fashion-MNIST subset (one epoch of 64 images each): one JSON line per run with
+its settings, a rerun that trains nothing, a point whose run directory holds a last.pt continued with --resume;
+the table of --report-only from a hand-written JSONL, checked against means and spreads computed here; a dry
+run that prints the grid and writes nothing; one-line errors.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SUBSET = ROOT / "examples" / "data" / "fashion_mnist_subset"
+
+
+def _load_reproduce():
+    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "benchmarks" / "reproduce.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["reproduce"] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+rp = _load_reproduce()
+
+# Two points: N = 1 and N = 2 of a quarter-width LruNet, one seed, one epoch of 64 images.
+TINY_GRID = [
+    "--preset", "cpu", "--grid", "tiny", "--only", "reuse", "--reuse-values", "1,2", "--width", "0.25",
+    "--seeds", "0", "--epochs", "1", "--batch-size", "16", "--subset", "64", "--test-subset", "64",
+    "--data-dir", str(SUBSET), "--threads", "1",
+]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def _args(tmp_path: Path) -> list[str]:
+    return [*TINY_GRID, "--results-dir", str(tmp_path / "results"), "--runs-dir", str(tmp_path / "runs")]
+
+
+def _lines(tmp_path: Path) -> list[dict]:
+    return [json.loads(t) for t in (tmp_path / "results" / "tiny.jsonl").read_text().splitlines()]
+
+
+def test_grid_writes_a_line_per_run_and_resumes_where_it_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_main = rp.TRAINER.main
+    rp.main(_args(tmp_path))
+    lines = _lines(tmp_path)
+    assert [line["settings"]["reuse"] for line in lines] == [1, 2]
+    for line in lines:
+        assert line["settings"] | {"reuse": 0} == {
+            "dataset": "fashion-mnist", "reuse": 0, "width": 0.25, "share": True, "shuffle": True, "seed": 0,
+            "schedule": "onecycle", "epochs": 1, "batch_size": 16, "lr": 0.1, "subset": 64, "test_subset": 64,
+        }  # fmt: skip
+        assert line["grid"] == "tiny" and line["group"] == "reuse" and line["threads"] == 1
+        assert "cores" in line["machine"] and "torch" in line["machine"]
+        assert line["result"]["epochs"] == 1 and line["result"]["train_images"] == 64
+    assert [line["result"]["model"] for line in lines] == ["1-LruNet-0.25x", "2-LruNet-0.25x"]
+    table = (tmp_path / "results" / "tiny.md").read_text()
+    assert "| 1-LruNet-0.25x |" in table and "| 2-LruNet-0.25x |" in table
+    for name in ("tiny_acc_vs_n.png", "tiny_acc_vs_params.png"):
+        assert (tmp_path / "results" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    def no_training(argv: list[str]) -> dict:
+        raise AssertionError(f"trained again: {argv}")
+
+    monkeypatch.setattr(rp.TRAINER, "main", no_training)
+    rp.main(_args(tmp_path))  # both points are in the JSONL: skipped
+    assert _lines(tmp_path) == lines
+
+    # The grid stopped after the second run's training, before its line was written: the rerun continues that
+    # run's directory with --resume (the run is complete, so nothing is trained again) and writes the line.
+    jsonl = tmp_path / "results" / "tiny.jsonl"
+    jsonl.write_text(jsonl.read_text().splitlines(keepends=True)[0])
+    calls = []
+
+    def recording(argv: list[str]) -> dict:
+        calls.append(argv)
+        return real_main(argv)
+
+    monkeypatch.setattr(rp.TRAINER, "main", recording)
+    rp.main(_args(tmp_path))
+    assert len(calls) == 1 and "--resume" in calls[0] and "--reuse" in calls[0]
+    assert calls[0][calls[0].index("--reuse") + 1] == "2"
+    assert Path(calls[0][calls[0].index("--out") + 1]) == Path(lines[1]["result"]["out"])
+    again = _lines(tmp_path)
+    assert len(again) == 2 and again[1]["resumed"] is True
+    assert again[1]["result"]["last_acc"] == lines[1]["result"]["last_acc"]
+
+
+def _line(reuse: int, seed: int, acc: float | None, share: bool = True, shuffle: bool = True) -> dict:
+    settings = {
+        "dataset": "fashion-mnist", "reuse": reuse, "width": 0.5, "share": share, "shuffle": shuffle,
+        "seed": seed, "schedule": "onecycle", "epochs": 15, "batch_size": 128, "lr": 0.1, "subset": None,
+        "test_subset": None,
+    }  # fmt: skip
+    result = None
+    if acc is not None:
+        result = {"last_acc": acc, "params": 1000 * reuse + (0 if share else 500), "mflops": 2.5 * reuse,
+                  "train_time_s": 600.0 + seed}  # fmt: skip
+    group = "reuse" if share and shuffle else ("no-share" if not share else "no-shuffle")
+    return {"grid": "tiny", "group": group, "settings": settings, "threads": 2, "machine": "a test box",
+            "result": result, "error": None if result else "diverged"}  # fmt: skip
+
+
+def test_report_only_builds_the_table_from_the_jsonl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    accs = {1: [0.812, 0.846, 0.83], 4: [0.871, 0.859], "no-share": [0.88, 0.9]}
+    lines = [_line(1, s, a) for s, a in enumerate(accs[1])] + [_line(4, s, a) for s, a in enumerate(accs[4])]
+    lines += [_line(4, s, a, share=False) for s, a in enumerate(accs["no-share"])]
+    lines += [_line(4, 0, 0.5, shuffle=False), _line(4, 1, None, shuffle=False)]  # one run diverged
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "tiny.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    monkeypatch.setattr(rp.TRAINER, "main", lambda argv: pytest.fail("--report-only trained"))
+
+    rp.main([*_args(tmp_path), "--report-only"])
+    rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[1:-1]]
+            for r in (tmp_path / "results" / "tiny.md").read_text().splitlines() if r.startswith("| ")}  # fmt: skip
+    for name, values in (("1-LruNet-0.5x", accs[1]), ("4-LruNet-0.5x", accs[4]),
+                         ("4-LruNet-0.5x-noshare", accs["no-share"])):  # fmt: skip
+        pct = [100 * a for a in values]
+        row = rows[name]
+        assert row[8] == f"{statistics.mean(pct):.2f} ± {statistics.stdev(pct):.2f}"
+        assert row[9] == f"{min(pct):.2f} / {max(pct):.2f}"
+        assert row[7] == str(len(values))
+    assert rows["1-LruNet-0.5x"][4:7] == ["1,000", "2.50", "15"]  # params, MFLOPs, epochs
+    assert rows["1-LruNet-0.5x"][10] == "10.0 min"  # mean of 600, 601 and 602 s
+    assert rows["4-LruNet-0.5x-noshuffle"][8] == "50.00 ± — (1 diverged)" and rows["4-LruNet-0.5x-noshuffle"][7] == "2"
+    assert rows["4-LruNet-0.5x-noshare"][1] == "no share" and rows["4-LruNet-0.5x-noshuffle"][1] == "no shuffle"
+    assert "a test box (2 threads)" in (tmp_path / "results" / "tiny.md").read_text()
+    assert (tmp_path / "results" / "tiny_acc_vs_params.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_dry_run_prints_the_grid_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rp.main([*_args(tmp_path), "--only", "reuse,no-share", "--ablation-reuse", "2", "--dry-run"])
+    out = capsys.readouterr().out.splitlines()
+    grid = [line for line in out if "seed 0" in line]
+    assert len(grid) == 3 and all("est." in line for line in grid)
+    assert "1-LruNet-0.25x " in grid[0] and "2-LruNet-0.25x " in grid[1] and "2-LruNet-0.25x-noshare" in grid[2]
+    assert out[0].startswith("grid tiny: 3 runs on fashion-mnist (64 train, 64 test images)")
+    assert out[-1].startswith("estimated total: ")
+    assert not (tmp_path / "results").exists() and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (["--only", "tables"], "--only: no group tables"),
+        (["--epochs", "0"], "--epochs must be at least 1"),
+        (["--seeds", ""], "at least one value"),
+        (["--report-only"], "holds no results yet"),
+    ],
+)
+def test_bad_options_are_one_line(
+    tmp_path: Path, extra: list[str], match: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(sys, "argv", ["reproduce.py", *_args(tmp_path), *extra])
+    with pytest.raises(SystemExit) as stop:
+        rp.cli()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and err[0].startswith("reproduce.py: error: ") and match in err[0]
+
+
+def test_a_bad_jsonl_line_is_named(tmp_path: Path) -> None:
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "tiny.jsonl").write_text(json.dumps(_line(1, 0, 0.8)) + "\n{not json\n")
+    with pytest.raises(rp.ReuseError, match=r"tiny.jsonl:2: not a JSON line"):
+        rp.main([*_args(tmp_path), "--report-only"])
