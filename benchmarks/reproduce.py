@@ -437,6 +437,7 @@ class Row:
     batch_size: int
     params: int | None = None
     mflops: float | None = None
+    train_images: int | None = None  # images per epoch (all of the training set, or --subset of them)
     seeds: list[int] = field(default_factory=list)
     accs: list[float] = field(default_factory=list)  # last test accuracy of each finished run, in [0, 1]
     times: list[float] = field(default_factory=list)  # training seconds of each run
@@ -479,6 +480,7 @@ def summarize(lines: list[dict[str, Any]]) -> list[Row]:
         row.accs.append(result["last_acc"])
         row.times.append(result["train_time_s"])
         row.params, row.mflops = result["params"], result["mflops"]
+        row.train_images = result.get("train_images")
     order = {g: i for i, g in enumerate(GROUPS)}
     return sorted(rows.values(), key=lambda r: (order.get(r.group, len(order)), r.width, r.reuse, r.epochs))
 
@@ -488,10 +490,10 @@ def table(rows: list[Row]) -> str:
     machines = sorted({m for r in rows for m in r.machines})
     tag = {m: f"m{i}" for i, m in enumerate(machines, 1)}
     head = (
-        "| model | variant | N | width | params | MFLOPs | epochs | seeds | test acc. % (mean ± std) | min / max "
-        "| train time per run | machine |"
+        "| model | variant | N | width | params | MFLOPs | epochs | train images | seeds | test acc. % (mean ± std) "
+        "| min / max | train time per run | machine |"
     )
-    out = [head, "|" + "---|" * 12]
+    out = [head, "|" + "---|" * 13]
     for r in rows:
         st = r.stats()
         acc = "—" if st is None else f"{st[0]:.2f} ± {'—' if st[1] is None else f'{st[1]:.2f}'}"
@@ -504,6 +506,7 @@ def table(rows: list[Row]) -> str:
         where = ", ".join(sorted({tag[m] for m in r.machines}))
         out.append(
             f"| {r.model} | {r.variant} | {r.reuse} | {r.width:g}x | {params} | {mflops} | {r.epochs} | "
+            f"{'—' if r.train_images is None else f'{r.train_images:,}'} | "
             f"{len(r.seeds) + len(r.diverged)} | {acc} | {spread} | {minutes} | {where} |"
         )
     legend = [f"- {tag[m]}: {m}" for m in machines]
