@@ -111,7 +111,7 @@ def _line(reuse: int, seed: int, acc: float | None, share: bool = True, shuffle:
     result = None
     if acc is not None:
         result = {"last_acc": acc, "params": 1000 * reuse + (0 if share else 500), "mflops": 2.5 * reuse,
-                  "train_time_s": 600.0 + seed}  # fmt: skip
+                  "train_time_s": 600.0 + seed, "train_images": 20_000}  # fmt: skip
     group = "reuse" if share and shuffle else ("no-share" if not share else "no-shuffle")
     return {"grid": "tiny", "group": group, "settings": settings, "threads": 2, "machine": "a test box",
             "result": result, "error": None if result else "diverged"}  # fmt: skip
@@ -133,12 +133,12 @@ def test_report_only_builds_the_table_from_the_jsonl(tmp_path: Path, monkeypatch
                          ("4-LruNet-0.5x-noshare", accs["no-share"])):  # fmt: skip
         pct = [100 * a for a in values]
         row = rows[name]
-        assert row[8] == f"{statistics.mean(pct):.2f} ± {statistics.stdev(pct):.2f}"
-        assert row[9] == f"{min(pct):.2f} / {max(pct):.2f}"
-        assert row[7] == str(len(values))
+        assert row[9] == f"{statistics.mean(pct):.2f} ± {statistics.stdev(pct):.2f}"
+        assert row[10] == f"{min(pct):.2f} / {max(pct):.2f}"
+        assert row[8] == str(len(values)) and row[7] == "20,000"
     assert rows["1-LruNet-0.5x"][4:7] == ["1,000", "2.50", "15"]  # params, MFLOPs, epochs
     assert rows["1-LruNet-0.5x"][10] == "10.0 min"  # mean of 600, 601 and 602 s
-    assert rows["4-LruNet-0.5x-noshuffle"][8] == "50.00 ± — (1 diverged)" and rows["4-LruNet-0.5x-noshuffle"][7] == "2"
+    assert rows["4-LruNet-0.5x-noshuffle"][9] == "50.00 ± — (1 diverged)" and rows["4-LruNet-0.5x-noshuffle"][8] == "2"
     assert rows["4-LruNet-0.5x-noshare"][1] == "no share" and rows["4-LruNet-0.5x-noshuffle"][1] == "no shuffle"
     assert "a test box (2 threads)" in (tmp_path / "results" / "tiny.md").read_text()
     assert (tmp_path / "results" / "tiny_acc_vs_params.png").read_bytes()[:4] == b"\x89PNG"
