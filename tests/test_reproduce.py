@@ -137,7 +137,7 @@ def test_report_only_builds_the_table_from_the_jsonl(tmp_path: Path, monkeypatch
         assert row[10] == f"{min(pct):.2f} / {max(pct):.2f}"
         assert row[8] == str(len(values)) and row[7] == "20,000"
     assert rows["1-LruNet-0.5x"][4:7] == ["1,000", "2.50", "15"]  # params, MFLOPs, epochs
-    assert rows["1-LruNet-0.5x"][10] == "10.0 min"  # mean of 600, 601 and 602 s
+    assert rows["1-LruNet-0.5x"][11] == "10.0 min"  # mean of 600, 601 and 602 s
     assert rows["4-LruNet-0.5x-noshuffle"][9] == "50.00 ± — (1 diverged)" and rows["4-LruNet-0.5x-noshuffle"][8] == "2"
     assert rows["4-LruNet-0.5x-noshare"][1] == "no share" and rows["4-LruNet-0.5x-noshuffle"][1] == "no shuffle"
     assert "a test box (2 threads)" in (tmp_path / "results" / "tiny.md").read_text()
