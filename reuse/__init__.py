@@ -4,6 +4,9 @@ Layer reuse (one block applied N times with per-use BatchNorm and a channel shuf
 Köpüklü et al., ICIP 2019), an FX pass that converts the stacked blocks of any CNN, finer grains
 of reuse, and LruNet, the paper's reference model.
 
+``import reuse`` imports torch and the core, not timm; ``import reuse.models`` (or the first use of
+``reuse.models``) registers LruNet's names with timm, so that ``timm.create_model("lrunet14_1x")`` works.
+
 Example:
     >>> import torch, reuse
     >>> block = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8))
@@ -46,5 +49,13 @@ from reuse.shuffle import ChannelShuffle, channel_shuffle, shuffle_permutation
 
 __version__ = "0.1.0"
 
-# Registers LruNet with timm (``timm.create_model("lrunet14_1x")``) as a side effect of ``import reuse``.
-from reuse import models  # noqa: E402, F401
+_LAZY = ("models",)  # imported on first use: reuse.models imports timm (about 1.7 s) to register LruNet
+
+
+def __getattr__(name: str) -> object:
+    """``reuse.models`` without an import of its own; ``import reuse`` stays light (no timm)."""
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f"reuse.{name}")
+    raise AttributeError(f"module 'reuse' has no attribute {name!r}")

@@ -13,7 +13,7 @@ import logging
 import math
 import warnings
 from collections.abc import Callable, Hashable, Sequence
-from typing import Literal, TypeAlias
+from typing import ClassVar, Literal, TypeAlias
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +48,13 @@ def _pair(value: object, name: str, who: str) -> tuple[int, int]:
     if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) for v in pair):
         raise ReuseError(f"{who}: {name} must be an int or a pair of ints, got {value!r}")
     return pair  # type: ignore[return-value]
+
+
+def _kernel_size(value: object, who: str) -> tuple[int, int]:
+    size = _pair(value, "kernel_size", who)
+    if min(size) < 1:
+        raise ReuseError(f"{who}: kernel_size must be positive, got {value!r}")
+    return size
 
 
 def _positive_int(value: object, name: str, who: str) -> int:
@@ -104,25 +111,85 @@ def _spread(pool: Tensor, size: int) -> Tensor:
     return torch.cat([pool, extra])  # (size, ...)
 
 
-class _BankedConv2d(nn.Module):
-    """A 2-D convolution (the ``nn.Conv2d`` arguments and attributes) whose ``weight`` is built by a subclass."""
+class _Bank(nn.Module):
+    """``num_entries`` shared entries (filters or kernels) of one shape, as one ``weight`` parameter.
+
+    Subclasses name their entries (``entry_name``), give the shape of one entry and initialise the weight.
+    """
+
+    entry_name: ClassVar[str]  # "filter" or "kernel"
 
     def __init__(
         self,
-        who: str,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: tuple[int, int],
-        stride: int | tuple[int, int],
-        padding: int | tuple[int, int] | str,
-        dilation: int | tuple[int, int],
-        groups: int,
-        bias: bool,
-        padding_mode: str,
-        mode: Mode,
-        factory: dict,
+        num_entries: int,
+        entry_shape: tuple[int, ...],
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        self.weight = nn.Parameter(torch.empty((num_entries, *entry_shape), device=device, dtype=dtype))  # (M, ...)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    @classmethod
+    def _from_entries(cls, entries: Tensor) -> _Bank:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+
+def _bank_copy(bank: _Bank, entries: Tensor) -> _Bank:
+    """``bank`` with its weight replaced by a copy of ``entries`` (own storage)."""
+    bank.weight = nn.Parameter(entries.detach().clone())
+    return bank
+
+
+def _check_bank_entries(entries: object, dims: int, shape: str, who: str) -> Tensor:
+    if not isinstance(entries, Tensor) or entries.dim() != dims:
+        got = tuple(entries.shape) if isinstance(entries, Tensor) else type(entries).__name__
+        raise ReuseError(f"{who}: needs a tensor of shape {shape}, got {got}")
+    return entries
+
+
+class _BankedConv2d(nn.Module):
+    """A 2-D convolution (the ``nn.Conv2d`` arguments and attributes) whose ``weight`` is drawn from a bank.
+
+    What is common to filter and kernel reuse lives here: the conv's arguments and their checks, the forward,
+    :meth:`from_conv`, and turning a group of convs into layers of one bank (:meth:`_convert_group`). A
+    subclass says what a bank entry is and how a weight is built from the bank:
+
+    - ``bank_type``, the bank class, and ``_check_bank`` (does the bank fit the conv's channels);
+    - ``_init_index`` / ``_init_mix``, the layer's own parameters and buffers in each mode;
+    - ``weight``, the ``(O, C/g, kh, kw)`` tensor built from the bank at each call;
+    - for conversion: ``_key`` (convs of one key share a bank), ``_skip`` (convs left alone), ``_count``
+      (entries a conv holds), ``_minimum`` (smallest bank a mode accepts), ``_pool`` (the convs' entries, in
+      the order of the bank's cycle) and ``_start_like`` (a layer that starts as the conv it replaces).
+    """
+
+    bank_type: ClassVar[type[_Bank]]
+    bank: _Bank
+
+    def __init__(
+        self,
+        bank: _Bank,
+        in_channels: int,
+        out_channels: int,
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        *,
+        mode: Mode = "index",
+        seed: int = 0,
+        start: int = 0,
+    ) -> None:
+        super().__init__()
+        who = type(self).__name__
+        if not isinstance(bank, self.bank_type):
+            raise ReuseError(f"{who}: bank must be a {self.bank_type.__name__}, got {type(bank).__name__}")
+        factory = {"device": bank.weight.device, "dtype": bank.weight.dtype}
         _check_mode(mode, who)
         in_channels = _positive_int(in_channels, "in_channels", who)
         out_channels = _positive_int(out_channels, "out_channels", who)
@@ -135,7 +202,7 @@ class _BankedConv2d(nn.Module):
             raise ReuseError(f"{who}: padding_mode must be 'zeros', 'reflect', 'replicate' or 'circular'")
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.kernel_size = kernel_size
+        self.kernel_size = bank.kernel_size
         self.stride = _pair(stride, "stride", who)
         self.dilation = _pair(dilation, "dilation", who)
         self.groups = groups
@@ -149,15 +216,60 @@ class _BankedConv2d(nn.Module):
             self.padding: tuple[int, int] | str = padding
         else:
             self.padding = _pair(padding, "padding", who)
-        self._reversed_padding_repeated_twice = _reversed_padding(self.padding, kernel_size, self.dilation)
+        self._reversed_padding_repeated_twice = _reversed_padding(self.padding, self.kernel_size, self.dilation)
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
         if self.bias is not None:
-            bound = 1.0 / math.sqrt(in_channels // groups * kernel_size[0] * kernel_size[1])
+            bound = 1.0 / math.sqrt(in_channels // groups * self.kernel_size[0] * self.kernel_size[1])
             nn.init.uniform_(self.bias, -bound, bound)  # as nn.Conv2d
+        channels = in_channels // groups
+        self._check_bank(bank, channels)
+        self.bank = bank
+        if mode == "index":
+            self._init_index(channels, seed, start, factory)
+        else:
+            self._init_mix(channels, seed, start, factory)
+
+    # ------------------------------------------------------------------ what a subclass says
+
+    def _check_bank(self, bank: _Bank, channels: int) -> None:
+        """Raise unless ``bank`` fits a conv with ``channels`` input channels per group."""
+
+    def _init_index(self, channels: int, seed: int, start: int, factory: dict) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def _init_mix(self, channels: int, seed: int, start: int, factory: dict) -> None:  # pragma: no cover
+        raise NotImplementedError
 
     @property
     def weight(self) -> Tensor:  # pragma: no cover - every subclass defines it
         raise NotImplementedError
+
+    @staticmethod
+    def _key(conv: nn.Conv2d) -> Hashable:  # pragma: no cover
+        raise NotImplementedError
+
+    @staticmethod
+    def _skip(conv: nn.Conv2d) -> str | None:
+        """Why a conv of a model is left alone (None: it is converted)."""
+        return None
+
+    @staticmethod
+    def _count(conv: nn.Conv2d) -> int:  # pragma: no cover
+        raise NotImplementedError
+
+    @staticmethod
+    def _minimum(convs: Sequence[nn.Conv2d], mode: Mode) -> int:  # pragma: no cover
+        raise NotImplementedError
+
+    @staticmethod
+    def _pool(convs: Sequence[nn.Conv2d]) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def _start_like(self, conv: nn.Conv2d, places: Tensor, exact: bool) -> None:
+        """Set the layer's scales or coefficients so that it starts as ``conv`` (``places``: the bank entries
+        its entries were copied to; ``exact``: the bank holds every entry of the group)."""
+
+    # ------------------------------------------------------------------ common
 
     def forward(self, x: Tensor) -> Tensor:
         weight = self.weight  # (O, C/g, kh, kw), drawn from the bank
@@ -165,6 +277,60 @@ class _BankedConv2d(nn.Module):
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)  # (B, C, H', W')
             return F.conv2d(x, weight, self.bias, self.stride, 0, self.dilation, self.groups)  # (B, O, Ho, Wo)
         return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)  # (B, O, Ho, Wo)
+
+    @classmethod
+    def from_conv(
+        cls, conv: nn.Conv2d, bank: _Bank | None = None, *, mode: Mode = "index", seed: int = 0, start: int = 0
+    ) -> _BankedConv2d:
+        """A banked conv that computes like ``conv``; ``conv`` is not modified.
+
+        Without ``bank``, the bank is a copy of the conv's own entries with an identity assignment and unit
+        scales (one-hot coefficients in mix mode), so the output equals the conv's exactly. With ``bank``, the
+        layer draws from it (fresh scales or coefficients) and only the bias is copied from ``conv``.
+        """
+        who = f"{cls.__name__}.from_conv"
+        reason = _unsupported(conv)
+        if reason is not None:
+            raise ReuseError(f"{who}: cannot convert {type(conv).__name__}: {reason}")
+        if bank is None:
+            return cls._convert_group([conv], cls._count(conv), mode, seed)[0]
+        if isinstance(bank, cls.bank_type) and bank.kernel_size != tuple(conv.kernel_size):
+            raise ReuseError(
+                f"{who}: {bank} holds {bank.kernel_size} {bank.entry_name}s but {conv} has kernel_size="
+                f"{tuple(conv.kernel_size)}; draw from a bank of {tuple(conv.kernel_size)} {bank.entry_name}s"
+            )
+        new = cls(bank, conv.in_channels, conv.out_channels, **_conv_kwargs(conv), mode=mode, seed=seed, start=start)
+        _copy_bias(new, conv)
+        return new
+
+    @classmethod
+    def _convert_group(cls, convs: Sequence[nn.Conv2d], size: int, mode: Mode, seed: int) -> list[_BankedConv2d]:
+        """Banked convs for convs of one key, sharing one bank of ``size`` entries.
+
+        The convs' entries, in the order of the bank's cycle (:meth:`_pool`), form a pool; bank place ``j``
+        starts as pool entry ``j`` when the bank is as large as the pool (then every layer draws its own
+        entries: exact), or as evenly spaced pool entries, each layer's scales or coefficients then set so
+        that its weight has the spread of the conv's (the bank mixes entries of convs of other fan-ins).
+        """
+        pool = cls._pool(convs)  # (T, ...), every entry of the group
+        order = _order(size, seed).to(pool.device)  # (M,)
+        filled = torch.empty((size, *pool.shape[1:]), dtype=pool.dtype, device=pool.device)  # (M, ...)
+        filled[order] = _spread(pool, size)  # bank place j (entry order[j]) holds pool entry j
+        bank = cls.bank_type._from_entries(filled)
+        exact = size >= pool.shape[0]
+        new, start = [], 0
+        for conv in convs:
+            layer = cls(bank, conv.in_channels, conv.out_channels, **_conv_kwargs(conv), mode=mode, seed=seed,
+                        start=start)  # fmt: skip
+            _copy_bias(layer, conv)
+            count = cls._count(conv)
+            with torch.no_grad():
+                layer._start_like(conv, order[start : start + count], exact)
+            if not exact:
+                _match_spread(layer, conv)
+            new.append(layer)
+            start += count
+        return new
 
     def _conv_repr(self) -> str:
         parts = [f"{self.in_channels}, {self.out_channels}"]
@@ -244,25 +410,24 @@ def _unsupported(conv: nn.Module) -> str | None:
 
 def _reuse_convs(
     module: nn.Module,
+    layer: type[_BankedConv2d],
     *,
     who: str,
-    key: Callable[[nn.Conv2d], Hashable],
-    skip: Callable[[nn.Conv2d], str | None],
-    convert_group: Callable[[Sequence[nn.Conv2d], int, Mode, int], list[nn.Module]],
-    count: Callable[[nn.Conv2d], int],
-    minimum: Callable[[Sequence[nn.Conv2d], Mode], int],
     bank_size: BankSize,
     mode: Mode,
-    seed: int,
-    include: Include | None,
-    inplace: bool,
+    seed: int = 0,
+    include: Include | None = None,
+    inplace: bool = False,
+    **unknown: object,
 ) -> nn.Module:
-    """Swap one conv, or every compatible conv of a model, for banked convs; one bank per ``key`` group.
+    """Swap one conv, or every compatible conv of a model, for ``layer`` convs; one bank per ``layer._key``.
 
-    ``skip`` gives a reason to leave a conv of a model alone (it never stops a single conv handed in);
-    ``count`` is the number of entries (filters or kernels) a conv holds; ``minimum`` the smallest bank
-    that convs accept in a mode (a fractional ``bank_size`` is raised to it).
+    ``layer._skip`` gives a reason to leave a conv of a model alone (it never stops a single conv handed in);
+    ``layer._count`` is the number of entries (filters or kernels) a conv holds; ``layer._minimum`` the smallest
+    bank that convs accept in a mode (a fractional ``bank_size`` is raised to it).
     """
+    if unknown:
+        raise TypeError(f"{who}() got unexpected keyword arguments {sorted(unknown)}; it takes seed, include, inplace")
     _check_mode(mode, who)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ReuseError(f"{who}: seed must be an int, got {seed!r}")
@@ -278,9 +443,9 @@ def _reuse_convs(
         reason = _unsupported(module)
         if reason is not None:
             raise ReuseError(f"{options}: cannot convert {type(module).__name__}: {reason}; convert a plain nn.Conv2d")
-        size = _resolve_bank_size(bank_size, count(module), minimum([module], mode), who)
+        size = _resolve_bank_size(bank_size, layer._count(module), layer._minimum([module], mode), who)
         try:
-            return convert_group([module], size, mode, seed)[0]
+            return layer._convert_group([module], size, mode, seed)[0]
         except ReuseError as err:
             raise ReuseError(f"{options} on {module}: {err}") from None
     if not isinstance(module, nn.Module):
@@ -291,13 +456,13 @@ def _reuse_convs(
     for name, conv in model.named_modules():  # a conv reached by several paths comes once, under its first name
         if not isinstance(conv, nn.Conv2d):
             continue
-        reason = _unsupported(conv) or skip(conv)
+        reason = _unsupported(conv) or layer._skip(conv)
         if reason is None and include is not None and not include(name, conv):
             reason = "left out by include"
         if reason is not None:
             _log.info("%s: skipped %s: %s", who, name, reason)
             continue
-        groups.setdefault(key(conv), []).append((name, conv))
+        groups.setdefault(layer._key(conv), []).append((name, conv))
     if not groups:
         warnings.warn(
             f"{who}: found no convertible nn.Conv2d in {type(model).__name__}; returned it unchanged", stacklevel=3
@@ -307,9 +472,9 @@ def _reuse_convs(
     swap: dict[int, nn.Module] = {}
     for members in groups.values():
         convs = [conv for _, conv in members]
-        size = _resolve_bank_size(bank_size, sum(count(c) for c in convs), minimum(convs, mode), who)
+        size = _resolve_bank_size(bank_size, sum(layer._count(c) for c in convs), layer._minimum(convs, mode), who)
         try:
-            new = convert_group(convs, size, mode, seed)
+            new = layer._convert_group(convs, size, mode, seed)
         except ReuseError as err:
             names = ", ".join(name for name, _ in members)
             raise ReuseError(f"{options} on {type(model).__name__} (convs {names}): {err}") from None

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -31,24 +32,22 @@ from reuse._banked import (
     BankSize,
     Include,
     Mode,
+    _Bank,
+    _bank_copy,
     _BankedConv2d,
-    _conv_kwargs,
-    _copy_bias,
+    _check_bank_entries,
     _generator,
-    _match_spread,
+    _kernel_size,
     _order,
-    _pair,
     _positive_int,
     _reuse_convs,
-    _spread,
-    _unsupported,
 )
 from reuse._errors import ReuseError
 
 __all__ = ["FilterBank", "FilterReuseConv2d", "filter_reuse"]
 
 
-class FilterBank(nn.Module):
+class FilterBank(_Bank):
     """A bank of ``num_filters`` filters of shape ``(in_channels, kh, kw)``, shared by :class:`FilterReuseConv2d`.
 
     Initialised as ``nn.Conv2d`` initialises its weight (fan-in ``in_channels * kh * kw``).
@@ -57,8 +56,7 @@ class FilterBank(nn.Module):
         num_filters: M, the number of filters in the bank.
         in_channels: channels of one filter: ``in_channels // groups`` of the convs that use the bank.
         kernel_size: ``kh`` (square) or ``(kh, kw)``.
-        device: where to put the filters.
-        dtype: their dtype.
+        **factory: ``device`` and ``dtype`` of the filters.
 
     Example:
         >>> bank = FilterBank(16, 8, 3)
@@ -66,24 +64,19 @@ class FilterBank(nn.Module):
         (FilterBank(16, 8, kernel_size=(3, 3)), (16, 8, 3, 3))
     """
 
+    entry_name = "filter"
+
     def __init__(
         self,
         num_filters: int,
         in_channels: int,
         kernel_size: int | tuple[int, int],
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
+        **factory: Any,
     ) -> None:
-        super().__init__()
         self.num_filters = _positive_int(num_filters, "num_filters", "FilterBank")
         self.in_channels = _positive_int(in_channels, "in_channels", "FilterBank")
-        self.kernel_size = _pair(kernel_size, "kernel_size", "FilterBank")
-        if min(self.kernel_size) < 1:
-            raise ReuseError(f"FilterBank: kernel_size must be positive, got {kernel_size!r}")
-        shape = (self.num_filters, self.in_channels, *self.kernel_size)
-        self.weight = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))  # (M, C/g, kh, kw)
-        self.reset_parameters()
+        self.kernel_size = _kernel_size(kernel_size, "FilterBank")
+        super().__init__(self.num_filters, (self.in_channels, *self.kernel_size), **factory)
 
     def reset_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # as nn.Conv2d
@@ -97,12 +90,11 @@ class FilterBank(nn.Module):
             >>> torch.equal(FilterBank.from_filters(conv.weight).weight, conv.weight)
             True
         """
-        if not isinstance(filters, Tensor) or filters.dim() != 4:
-            shape = tuple(filters.shape) if isinstance(filters, Tensor) else type(filters).__name__
-            raise ReuseError(f"FilterBank.from_filters: needs a tensor of shape (M, C, kh, kw), got {shape}")
+        filters = _check_bank_entries(filters, 4, "(M, C, kh, kw)", "FilterBank.from_filters")
         bank = cls(filters.shape[0], filters.shape[1], tuple(filters.shape[2:]), device=filters.device)
-        bank.weight = nn.Parameter(filters.detach().clone())  # (M, C/g, kh, kw), own storage
-        return bank
+        return _bank_copy(bank, filters)  # (M, C/g, kh, kw)
+
+    _from_entries = from_filters
 
     def extra_repr(self) -> str:
         return f"{self.num_filters}, {self.in_channels}, kernel_size={self.kernel_size}"
@@ -182,52 +174,34 @@ class FilterReuseConv2d(_BankedConv2d):
         1280
         >>> a.shift[:10].tolist()  # each use of a bank filter takes its channels rolled by another shift
         [0, 0, 0, 0, 0, 0, 0, 0, 1, 1]
+        >>> conv = nn.Conv2d(8, 16, 3, padding=1)  # from_conv: the conv's own filters in a bank, exactly
+        >>> x = torch.randn(1, 8, 5, 5)
+        >>> torch.equal(FilterReuseConv2d.from_conv(conv)(x), conv(x))
+        True
     """
 
     bank: FilterBank
+    bank_type = FilterBank
 
-    def __init__(
-        self,
-        bank: FilterBank,
-        in_channels: int,
-        out_channels: int,
-        stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] | str = 0,
-        dilation: int | tuple[int, int] = 1,
-        groups: int = 1,
-        bias: bool = True,
-        padding_mode: str = "zeros",
-        *,
-        mode: Mode = "index",
-        seed: int = 0,
-        start: int = 0,
-    ) -> None:
-        if not isinstance(bank, FilterBank):
-            raise ReuseError(f"FilterReuseConv2d: bank must be a FilterBank, got {type(bank).__name__}")
-        factory = {"device": bank.weight.device, "dtype": bank.weight.dtype}
-        who = "FilterReuseConv2d"
-        super().__init__(
-            who, in_channels, out_channels, bank.kernel_size, stride, padding, dilation, groups, bias, padding_mode,
-            mode, factory,
-        )  # fmt: skip
-        channels = in_channels // groups
+    def _check_bank(self, bank: _Bank, channels: int) -> None:
         if bank.in_channels != channels:
             raise ReuseError(
-                f"{who}: {bank} holds filters of {bank.in_channels} channels, but a conv with "
-                f"in_channels={in_channels}, groups={groups} needs filters of {channels} channels; "
+                f"FilterReuseConv2d: {bank} holds filters of {bank.in_channels} channels, but a conv with "
+                f"in_channels={self.in_channels}, groups={self.groups} needs filters of {channels} channels; "
                 f"draw from a FilterBank(n, {channels}, {bank.kernel_size}) or give the conv in_channels="
-                f"{bank.in_channels * groups}"
+                f"{bank.in_channels * self.groups}"
             )
-        self.bank = bank
-        if mode == "index":
-            entry, shift = _filter_assignment(out_channels, groups, channels, bank.num_filters, seed, start)
-            self.register_buffer("entry", entry.to(factory["device"]))  # (O,), bank filter of each output
-            self.register_buffer("shift", shift.to(factory["device"]))  # (O,), its roll along the channels
-            self.register_buffer("_channels", torch.arange(channels, device=factory["device"]), persistent=False)
-            self.scale = nn.Parameter(torch.ones(out_channels, **factory))  # (O,)
-        else:
-            coef = torch.randn(out_channels, bank.num_filters, generator=_generator(seed, start))  # (O, M)
-            self.coef = nn.Parameter(coef.div_(math.sqrt(bank.num_filters)).to(**factory))  # rows of unit norm
+
+    def _init_index(self, channels: int, seed: int, start: int, factory: dict) -> None:
+        entry, shift = _filter_assignment(self.out_channels, self.groups, channels, self.bank.num_filters, seed, start)
+        self.register_buffer("entry", entry.to(factory["device"]))  # (O,), bank filter of each output
+        self.register_buffer("shift", shift.to(factory["device"]))  # (O,), its roll along the channels
+        self.register_buffer("_channels", torch.arange(channels, device=factory["device"]), persistent=False)
+        self.scale = nn.Parameter(torch.ones(self.out_channels, **factory))  # (O,)
+
+    def _init_mix(self, channels: int, seed: int, start: int, factory: dict) -> None:
+        coef = torch.randn(self.out_channels, self.bank.num_filters, generator=_generator(seed, start))  # (O, M)
+        self.coef = nn.Parameter(coef.div_(math.sqrt(self.bank.num_filters)).to(**factory))  # rows of unit norm
 
     @property
     def weight(self) -> Tensor:
@@ -242,77 +216,30 @@ class FilterReuseConv2d(_BankedConv2d):
         weight = bank.flatten(0, 1).index_select(0, index.flatten()).view(shape)  # (O, C/g, kh, kw)
         return weight * self.scale.view(-1, 1, 1, 1)  # (O, C/g, kh, kw)
 
-    @classmethod
-    def from_conv(
-        cls, conv: nn.Conv2d, bank: FilterBank | None = None, *, mode: Mode = "index", seed: int = 0, start: int = 0
-    ) -> FilterReuseConv2d:
-        """A filter-reuse conv that computes like ``conv``; ``conv`` is not modified.
+    # conversion (see _BankedConv2d)
+    @staticmethod
+    def _key(conv: nn.Conv2d) -> tuple:
+        return (conv.in_channels // conv.groups, *conv.kernel_size, conv.weight.dtype, conv.weight.device)
 
-        Without ``bank``, the bank is a copy of the conv's own filters with an identity assignment and unit
-        scales (one-hot coefficients in mix mode), so the output equals the conv's exactly. With ``bank``, the
-        layer draws from it (fresh scales or coefficients) and only the bias is copied from ``conv``.
+    @staticmethod
+    def _count(conv: nn.Conv2d) -> int:
+        return conv.out_channels
 
-        Example:
-            >>> conv = nn.Conv2d(8, 16, 3, padding=1)
-            >>> x = torch.randn(1, 8, 5, 5)
-            >>> torch.equal(FilterReuseConv2d.from_conv(conv)(x), conv(x))
-            True
-        """
-        reason = _unsupported(conv)
-        if reason is not None:
-            raise ReuseError(f"FilterReuseConv2d.from_conv: cannot convert {type(conv).__name__}: {reason}")
-        if bank is None:
-            return _convert_filter_group([conv], conv.out_channels, mode, seed)[0]
-        if isinstance(bank, FilterBank) and bank.kernel_size != tuple(conv.kernel_size):
-            raise ReuseError(
-                f"FilterReuseConv2d.from_conv: {bank} holds {bank.kernel_size} filters but {conv} has "
-                f"kernel_size={tuple(conv.kernel_size)}; draw from a FilterBank(n, "
-                f"{conv.in_channels // conv.groups}, {tuple(conv.kernel_size)})"
-            )
-        new = cls(bank, conv.in_channels, conv.out_channels, **_conv_kwargs(conv), mode=mode, seed=seed, start=start)
-        _copy_bias(new, conv)
-        return new
+    @staticmethod
+    def _minimum(convs: Sequence[nn.Conv2d], mode: Mode) -> int:
+        """The smallest bank that gives every output of a group its own (filter, roll) pair in index mode."""
+        if mode == "mix":
+            return 1
+        return max(math.ceil(c.out_channels // c.groups / (c.in_channels // c.groups)) for c in convs)
 
+    @staticmethod
+    def _pool(convs: Sequence[nn.Conv2d]) -> Tensor:
+        return torch.cat([conv.weight.detach() for conv in convs])  # (T, C/g, kh, kw), the layers' filters in order
 
-def _filter_key(conv: nn.Conv2d) -> tuple:
-    return (conv.in_channels // conv.groups, *conv.kernel_size, conv.weight.dtype, conv.weight.device)
-
-
-def _filter_minimum(convs: Sequence[nn.Conv2d], mode: Mode) -> int:
-    """The smallest bank that gives every output of a group its own (filter, roll) pair in index mode."""
-    if mode == "mix":
-        return 1
-    return max(math.ceil(c.out_channels // c.groups / (c.in_channels // c.groups)) for c in convs)
-
-
-def _convert_filter_group(convs: Sequence[nn.Conv2d], size: int, mode: Mode, seed: int) -> list[FilterReuseConv2d]:
-    """Filter-reuse convs for convs of one filter shape, sharing one bank of ``size`` filters.
-
-    The convs' filters, in order, form a pool; the layers take consecutive places in the bank's cycle
-    (see :func:`_filter_assignment`), and bank place ``j`` starts as pool filter ``j`` when the bank is as
-    large as the pool (then every layer draws its own filters: exact), or as evenly spaced pool filters,
-    each layer's scales or coefficients then set so that its weight has the spread of the conv's.
-    """
-    pool = torch.cat([conv.weight.detach() for conv in convs])  # (T, C/g, kh, kw), every filter of the group
-    order = _order(size, seed).to(pool.device)  # (M,)
-    filled = torch.empty((size, *pool.shape[1:]), dtype=pool.dtype, device=pool.device)  # (M, C/g, kh, kw)
-    filled[order] = _spread(pool, size)  # bank place j (entry order[j]) holds pool filter j
-    bank = FilterBank.from_filters(filled)
-    exact = size >= pool.shape[0]
-    new, start = [], 0
-    for conv in convs:
-        layer = FilterReuseConv2d(bank, conv.in_channels, conv.out_channels, **_conv_kwargs(conv), mode=mode,
-                                  seed=seed, start=start)  # fmt: skip
-        _copy_bias(layer, conv)
-        if not exact:
-            _match_spread(layer, conv)
-        elif mode == "mix":
-            with torch.no_grad():  # one-hot on the layer's own filters: the conv's weight exactly
-                layer.coef.zero_()
-                layer.coef[torch.arange(conv.out_channels), order[start : start + conv.out_channels]] = 1.0
-        new.append(layer)
-        start += conv.out_channels
-    return new
+    def _start_like(self, conv: nn.Conv2d, places: Tensor, exact: bool) -> None:
+        if exact and self.mode == "mix":  # one-hot on the layer's own filters: the conv's weight exactly
+            self.coef.zero_()
+            self.coef[torch.arange(conv.out_channels), places] = 1.0
 
 
 def filter_reuse(
@@ -364,12 +291,8 @@ def filter_reuse(
     """
     return _reuse_convs(
         module,
+        FilterReuseConv2d,
         who="filter_reuse",
-        key=_filter_key,
-        skip=lambda conv: None,
-        convert_group=_convert_filter_group,
-        count=lambda conv: conv.out_channels,
-        minimum=_filter_minimum,
         bank_size=bank_size,
         mode=mode,
         seed=seed,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Callable, Iterator, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -236,18 +236,10 @@ class LayerReuse(nn.Module):
         self._register_hooks()
 
     @classmethod
-    def from_blocks(
-        cls,
-        blocks: Sequence[nn.Module],
-        *,
-        shuffle: bool = True,
-        groups: int = 2,
-        swap_halves: bool = True,
-        per_use: PerUse = "batchnorm",
-        checkpoint: bool = False,
-    ) -> LayerReuse:
+    def from_blocks(cls, blocks: Sequence[nn.Module], **options: Any) -> LayerReuse:
         """Build a reused block from ``len(blocks)`` blocks of one structure: shared modules come from
         ``blocks[0]``, per-use module ``i`` is a copy of the one in ``blocks[i]``. The blocks are not modified.
+        ``options`` are the keyword options of :class:`LayerReuse` (``shuffle``, ``groups``, ``per_use``, ...).
 
         Example:
             >>> blocks = [nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)) for _ in range(3)]
@@ -257,11 +249,9 @@ class LayerReuse(nn.Module):
         """
         if not blocks:
             raise ReuseError("LayerReuse.from_blocks: needs at least one block, got none")
-        is_per_use = _per_use_predicate(per_use)
         first = copy.deepcopy(blocks[0])
-        self = cls(
-            first, n=1, shuffle=shuffle, groups=groups, swap_halves=swap_halves, per_use=per_use, checkpoint=checkpoint
-        )
+        self = cls(first, n=1, **options)
+        is_per_use = _per_use_predicate(self.per_use)
         for i, other in enumerate(blocks[1:], start=1):
             _check_same_structure(blocks[0], other, i, is_per_use)
             self.uses.append(_clone_for_use(first, is_per_use, source=other))
@@ -423,19 +413,12 @@ def _check_same_structure(
         )
 
 
-def wrap(
-    block: nn.Module,
-    n: int = 8,
-    shuffle: bool = True,
-    groups: int = 2,
-    *,
-    swap_halves: bool = True,
-    per_use: PerUse = "batchnorm",
-    checkpoint: bool = False,
-) -> LayerReuse:
+def wrap(block: nn.Module, n: int = 8, shuffle: bool = True, groups: int = 2, **options: Any) -> LayerReuse:
     """Reuse ``block`` ``n`` times: shared weights, per-use BatchNorm, the paper's shuffle between uses.
 
-    See :class:`LayerReuse` for the arguments.
+    ``wrap(block, n, shuffle, groups, **options)`` is ``LayerReuse(block, n, shuffle=shuffle, groups=groups,
+    **options)``; see :class:`LayerReuse` for the arguments and the other options (``swap_halves``,
+    ``per_use``, ``checkpoint``).
 
     Example:
         >>> import reuse
@@ -444,6 +427,4 @@ def wrap(
         >>> m.n, m(torch.randn(1, 16, 4, 4)).shape
         (8, torch.Size([1, 16, 4, 4]))
     """
-    return LayerReuse(
-        block, n, shuffle=shuffle, groups=groups, swap_halves=swap_halves, per_use=per_use, checkpoint=checkpoint
-    )
+    return LayerReuse(block, n, shuffle=shuffle, groups=groups, **options)

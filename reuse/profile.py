@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from reuse._errors import ReuseError
 
@@ -144,6 +143,8 @@ def profile(
     child_macs: Counter[str] = Counter()
     owners = {m for m in model.modules() if next(m.parameters(recurse=False), None) is not None}
     modes = {m: m.training for m in model.modules()}
+    from torch.utils.flop_counter import FlopCounterMode  # here, not at import: it pulls in triton (~0.2 s)
+
     flop_counter = FlopCounterMode(display=False)
 
     def count_reads(module: nn.Module, args: object) -> None:

@@ -3,7 +3,11 @@ model's state. Import with ``from _helpers import ...`` (pytest puts ``tests/`` 
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +25,32 @@ def randomize(module: nn.Module) -> nn.Module:
                 m.bias.uniform_(-0.5, 0.5)
                 m.running_mean.uniform_(-0.2, 0.2)
                 m.running_var.uniform_(0.5, 2.0)
+    return module
+
+
+class Residual(nn.Module):
+    """Two convs with BNs and a shortcut, ResNet's basic block at one width (``groups2``: the second conv's
+    groups, by default ``groups``)."""
+
+    def __init__(self, channels: int, kernel: int = 3, groups: int = 1, groups2: int | None = None) -> None:
+        super().__init__()
+        pad = kernel // 2
+        self.conv1 = nn.Conv2d(channels, channels, kernel, padding=pad, groups=groups, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, kernel, padding=pad, groups=groups2 or groups, bias=True)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))  # (B, C, H, W)
+        return torch.relu(self.bn2(self.conv2(y)) + x)  # (B, C, H, W)
+
+
+def load_script(path: Path, name: str) -> ModuleType:
+    """A script of the repository (examples/, benchmarks/) imported as the module ``name``."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
     return module
 
 

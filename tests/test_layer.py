@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from _helpers import Residual, randomize
 from einops import rearrange
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -31,22 +32,6 @@ class ConvBnAct(nn.Sequential):
         )
 
 
-class Residual(nn.Module):
-    """Two convs with BNs and a shortcut, ResNet's basic block at one width."""
-
-    def __init__(self, channels: int, kernel: int = 3, groups: int = 1) -> None:
-        super().__init__()
-        pad = kernel // 2
-        self.conv1 = nn.Conv2d(channels, channels, kernel, padding=pad, groups=groups, bias=False)
-        self.bn1 = nn.BatchNorm2d(channels)
-        self.conv2 = nn.Conv2d(channels, channels, kernel, padding=pad, groups=groups, bias=True)
-        self.bn2 = nn.BatchNorm2d(channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.relu(self.bn1(self.conv1(x)))  # (B, C, H, W)
-        return torch.relu(self.bn2(self.conv2(y)) + x)  # (B, C, H, W)
-
-
 class NestedNorms(nn.Module):
     """BatchNorms nested two containers deep, next to a shared parameter held by the container itself."""
 
@@ -67,18 +52,6 @@ BLOCKS: dict[str, Callable[[], nn.Module]] = {
     "residual": lambda: Residual(8),
     "nested": lambda: NestedNorms(8),
 }
-
-
-def randomize_norms(module: nn.Module) -> nn.Module:
-    """Give every BatchNorm non-trivial affine parameters and running statistics, as a trained block has."""
-    for m in module.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            with torch.no_grad():
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
-    return module
 
 
 def reference_shuffle(x: torch.Tensor, groups: int = 2) -> torch.Tensor:
@@ -106,7 +79,7 @@ def shared_and_per_use(block: nn.Module) -> tuple[list[str], list[str]]:
 
 def check_equivalent(make_block: Callable[[], nn.Module], n: int, shuffle: bool, x: torch.Tensor, train: bool) -> None:
     """wrap(block, n) == n tied copies of the block: outputs, gradients, running statistics."""
-    block = randomize_norms(make_block())
+    block = randomize(make_block())
     copies = [copy.deepcopy(block) for _ in range(n)]
     model = wrap(block, n, shuffle=shuffle)
     model.train(train)
@@ -178,7 +151,7 @@ def test_parameters_and_state_dict_hold_shared_tensors_once() -> None:
 
 
 def test_wrapping_keeps_the_blocks_statistics_for_every_use() -> None:
-    block = randomize_norms(Residual(8))
+    block = randomize(Residual(8))
     before = copy.deepcopy(block.state_dict())
     model = wrap(block, n=3)
     assert model.uses[0] is block, "use 0 is the block handed in"
@@ -191,7 +164,7 @@ def test_wrapping_keeps_the_blocks_statistics_for_every_use() -> None:
 
 
 def test_n_equal_one_is_the_block() -> None:
-    block = randomize_norms(Residual(8)).eval()
+    block = randomize(Residual(8)).eval()
     x = torch.randn(2, 8, 4, 4)
     expected = block(x)
     model = wrap(block, n=1)
@@ -229,7 +202,7 @@ def test_per_use_predicate() -> None:
 
 def test_state_dict_round_trip_and_load_into_a_fresh_model() -> None:
     torch.manual_seed(0)
-    model = wrap(randomize_norms(NestedNorms(8)), n=4)
+    model = wrap(randomize(NestedNorms(8)), n=4)
     model.train()
     model(torch.randn(4, 8, 5, 5))  # move the running statistics apart use by use
     model.eval()
@@ -266,7 +239,7 @@ def test_copies_keep_the_sharing(clone: Callable[[nn.Module], nn.Module]) -> Non
 
 
 def test_from_blocks_takes_norms_from_each_block() -> None:
-    blocks = [randomize_norms(Residual(8)) for _ in range(3)]
+    blocks = [randomize(Residual(8)) for _ in range(3)]
     before = [copy.deepcopy(b.state_dict()) for b in blocks]
     model = LayerReuse.from_blocks(blocks, shuffle=False)
     for i, b in enumerate(blocks):
@@ -333,7 +306,7 @@ class Net(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.stem = nn.Conv2d(3, 16, 3, padding=1)
-        self.body = wrap(randomize_norms(LruBlock(16)), n=3)
+        self.body = wrap(randomize(LruBlock(16)), n=3)
         self.head = nn.Linear(16, 5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

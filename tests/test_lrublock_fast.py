@@ -11,9 +11,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers import randomize
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import nn
 
 import reuse
 from reuse.models import LruBlock, LruNet
@@ -33,17 +33,6 @@ def paper_block(block: LruBlock, x: torch.Tensor) -> torch.Tensor:
     y = block.dw_bn(F.conv2d(x, block.dw.weight, block.dw.bias, padding=1, groups=f))  # (B, 2F, H, W)
     y = block.pw_bn(block.pw(y))  # (B, F, H, W)
     return torch.relu(y + x)  # (B, F, H, W)
-
-
-def randomize(module: nn.Module) -> nn.Module:
-    for m in module.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            with torch.no_grad():
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
-    return module
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])

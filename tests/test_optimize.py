@@ -8,36 +8,12 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from _helpers import Residual, randomize
 from torch import nn
 from torch.fx.experimental.optimization import fuse as fx_fuse
 
 import reuse
 from reuse.models import LruBlock, LruNet
-
-
-def randomize(module: nn.Module) -> nn.Module:
-    """Non-trivial BatchNorm affine parameters and running statistics, as in a trained network."""
-    for m in module.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            with torch.no_grad():
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
-    return module
-
-
-class Residual(nn.Module):
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(channels)
-        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, groups=2, bias=True)
-        self.bn2 = nn.BatchNorm2d(channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.relu(self.bn1(self.conv1(x)))  # (B, C, H, W)
-        return torch.relu(self.bn2(self.conv2(y)) + x)  # (B, C, H, W)
 
 
 class SharedConvInSequential(nn.Module):
@@ -58,7 +34,7 @@ class Net(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
-        self.body = reuse.wrap(Residual(16), n=3)
+        self.body = reuse.wrap(Residual(16, groups2=2), n=3)
         self.more = nn.Sequential(reuse.wrap(SharedConvInSequential(16), n=4, shuffle=False))
         self.head = nn.Linear(16, 5)
 
@@ -111,7 +87,7 @@ def test_torch_fx_fuser_is_wrong_for_a_reused_conv_and_ours_is_right() -> None:
     """fx's conv-BN fuser rewrites the one shared conv for each BatchNorm after it; every use then carries
     all the folded BatchNorms. Ours folds each use's BatchNorm into a conv of that use."""
     torch.manual_seed(0)
-    model = trained(lambda: reuse.wrap(Residual(8), n=3), torch.randn(4, 8, 5, 5))
+    model = trained(lambda: reuse.wrap(Residual(8, groups2=2), n=3), torch.randn(4, 8, 5, 5))
     x = torch.randn(2, 8, 5, 5)
     with torch.no_grad():
         expected = model(x)

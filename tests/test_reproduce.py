@@ -8,7 +8,6 @@ run that prints the grid and writes nothing; one-line errors.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
 import sys
@@ -16,20 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from _helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBSET = ROOT / "examples" / "data" / "fashion_mnist_subset"
 
 
-def _load_reproduce():
-    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "benchmarks" / "reproduce.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["reproduce"] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-rp = _load_reproduce()
+rp = load_script(ROOT / "benchmarks" / "reproduce.py", "reproduce")
 
 # Two points: N = 1 and N = 2 of a quarter-width LruNet, one seed, one epoch of 64 images.
 TINY_GRID = [

@@ -10,7 +10,6 @@ malformed or corrupt data, unwritable run directories, bad checkpoints and diver
 from __future__ import annotations
 
 import errno
-import importlib.util
 import json
 import math
 import os
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _helpers import load_script
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -36,15 +36,7 @@ SCRIPT = ROOT / "examples" / "lrunet_cifar.py"
 SUBSET = ROOT / "examples" / "data" / "fashion_mnist_subset"
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("lrunet_cifar", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["lrunet_cifar"] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-lc = _load_script()
+lc = load_script(SCRIPT, "lrunet_cifar")
 
 # A few seconds per run: 64 real images, a quarter-width 2-LruNet, batches of 16.
 TINY = [

@@ -132,40 +132,30 @@ def _fixed(variant: str, reuse: int, width_mult: float, pretrained: bool, kwargs
     return _create(variant, pretrained, **{**kwargs, "reuse": reuse, "width_mult": width_mult})
 
 
-@register_model
-def lrunet1_1x(pretrained: bool = False, **kwargs: Any) -> LruNet:
-    """1-LruNet-1x (131k parameters on CIFAR-10)."""
-    return _fixed("lrunet1_1x", 1, 1.0, pretrained, kwargs)
+# The fixed names: (N, width, what the entry point's docstring says).
+_FIXED = {
+    "lrunet1_1x": (1, 1.0, "131k parameters on CIFAR-10"),
+    "lrunet1_2x": (1, 2.0, "514k parameters on CIFAR-100"),
+    "lrunet8_1x": (8, 1.0, "172k parameters on CIFAR-10"),
+    "lrunet10_1x": (10, 1.0, "183k parameters on CIFAR-10, 182k on Fashion-MNIST"),
+    "lrunet14_1x": (14, 1.0, "206k parameters on CIFAR-10"),
+    "lrunet14_2x": (14, 2.0, "664k parameters on CIFAR-100"),
+}
 
 
-@register_model
-def lrunet1_2x(pretrained: bool = False, **kwargs: Any) -> LruNet:
-    """1-LruNet-2x (514k parameters on CIFAR-100)."""
-    return _fixed("lrunet1_2x", 1, 2.0, pretrained, kwargs)
+def _register_fixed(name: str, reuse: int, width_mult: float, about: str) -> None:
+    """Register ``name`` with timm: ``timm.create_model(name)`` builds N-LruNet-wx of that N and width."""
+
+    def entry(pretrained: bool = False, **kwargs: Any) -> LruNet:
+        return _fixed(name, reuse, width_mult, pretrained, kwargs)
+
+    entry.__name__ = entry.__qualname__ = name
+    entry.__doc__ = f"{reuse}-LruNet-{width_mult:g}x ({about})."
+    globals()[name] = register_model(entry)
 
 
-@register_model
-def lrunet8_1x(pretrained: bool = False, **kwargs: Any) -> LruNet:
-    """8-LruNet-1x (172k parameters on CIFAR-10)."""
-    return _fixed("lrunet8_1x", 8, 1.0, pretrained, kwargs)
-
-
-@register_model
-def lrunet10_1x(pretrained: bool = False, **kwargs: Any) -> LruNet:
-    """10-LruNet-1x (183k parameters on CIFAR-10, 182k on Fashion-MNIST)."""
-    return _fixed("lrunet10_1x", 10, 1.0, pretrained, kwargs)
-
-
-@register_model
-def lrunet14_1x(pretrained: bool = False, **kwargs: Any) -> LruNet:
-    """14-LruNet-1x (206k parameters on CIFAR-10)."""
-    return _fixed("lrunet14_1x", 14, 1.0, pretrained, kwargs)
-
-
-@register_model
-def lrunet14_2x(pretrained: bool = False, **kwargs: Any) -> LruNet:
-    """14-LruNet-2x (664k parameters on CIFAR-100)."""
-    return _fixed("lrunet14_2x", 14, 2.0, pretrained, kwargs)
+for _name, _spec in _FIXED.items():
+    _register_fixed(_name, *_spec)
 
 
 @register_model
