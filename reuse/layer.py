@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from reuse._checks import check_bools
 from reuse._errors import ReuseError
+from reuse.delta import DeltaRank, _LowRank, check_rank, low_rank, resolve_rank, takes_delta
 from reuse.shuffle import ChannelShuffle, check_shuffle
 
 __all__ = ["LayerReuse", "PerUse", "is_batchnorm", "is_norm", "wrap"]
@@ -103,6 +104,21 @@ def _shallow_copy(module: nn.Module) -> nn.Module:
         elif isinstance(value, set):
             setattr(new, name, set(value))
     return new
+
+
+def _replace_private(root: nn.Module, path: str, new: nn.Module, private: set[int]) -> None:
+    """Set ``root.<path> = new``, first replacing each module on the way that is not in ``private`` (not made
+    here) by a light copy of its own: no other path, and nothing the user handed in, sees the change."""
+    *ancestors, leaf = path.split(".")
+    parent = root
+    for name in ancestors:
+        child = parent._modules[name]
+        if id(child) not in private:
+            child = _shallow_copy(child)
+            parent._modules[name] = child
+            private.add(id(child))
+        parent = child
+    parent._modules[leaf] = new
 
 
 def _has_per_use(module: nn.Module, is_per_use: Callable[[nn.Module], bool]) -> bool:
@@ -196,6 +212,13 @@ class LayerReuse(nn.Module):
         checkpoint: activation checkpointing per use (non-reentrant, so DDP-safe): a training forward keeps
             only each use's input and recomputes the rest during backward. The recomputation restores the
             use's buffers, so BatchNorm running statistics advance exactly once per forward.
+        delta_rank: relaxed reuse (:mod:`reuse.delta`): every use gets its own low-rank delta on each shared
+            plain conv and linear, so that use ``i`` computes with ``W + B_i A_i``; an int (the rank, capped at
+            each layer's full rank), a float in (0, 1] (a fraction of each layer's full rank) or 0 (none, the
+            default: plain reuse). The deltas start at zero (``B = 0``); ``reuse.fx.convert(..., delta_rank=r)``
+            starts them from the blocks it replaces. With deltas, every use (the first too) is a light copy of
+            the block whose shared layers are wrapped (:class:`reuse.delta.LowRankConv`); the block handed in is
+            not modified.
 
     A block may take the shuffle over: if its class sets ``fuses_shuffle = True``, its forward must accept
     ``forward(x, shuffle=(groups, swap_halves))`` and return ``block(channel_shuffle(x, groups, swap_halves))``,
@@ -223,19 +246,25 @@ class LayerReuse(nn.Module):
         swap_halves: bool = True,
         per_use: PerUse = "batchnorm",
         checkpoint: bool = False,
+        delta_rank: DeltaRank = 0,
     ) -> None:
         super().__init__()
         _check_args(block, n, groups)
         check_bools("LayerReuse", shuffle=shuffle, swap_halves=swap_halves, checkpoint=checkpoint)
+        check_rank(delta_rank, "LayerReuse")
         self.n = n
+        self.delta_rank = 0
         self.per_use = per_use
         self.checkpoint = checkpoint
         self.shuffle = ChannelShuffle(groups, swap_halves) if shuffle else None
         is_per_use = _per_use_predicate(per_use)
         self.uses = nn.ModuleList([block] + [_clone_for_use(block, is_per_use) for _ in range(n - 1)])
         self._register_hooks()
+        if delta_rank:
+            self._add_deltas(delta_rank)
 
     @classmethod
+    @torch.jit.ignore
     def from_blocks(cls, blocks: Sequence[nn.Module], **options: Any) -> LayerReuse:
         """Build a reused block from ``len(blocks)`` blocks of one structure: shared modules come from
         ``blocks[0]``, per-use module ``i`` is a copy of the one in ``blocks[i]``. The blocks are not modified.
@@ -249,6 +278,7 @@ class LayerReuse(nn.Module):
         """
         if not blocks:
             raise ReuseError("LayerReuse.from_blocks: needs at least one block, got none")
+        rank = check_rank(options.pop("delta_rank", 0), "LayerReuse.from_blocks")
         first = copy.deepcopy(blocks[0])
         self = cls(first, n=1, **options)
         is_per_use = _per_use_predicate(self.per_use)
@@ -256,7 +286,36 @@ class LayerReuse(nn.Module):
             _check_same_structure(blocks[0], other, i, is_per_use)
             self.uses.append(_clone_for_use(first, is_per_use, source=other))
         self.n = len(blocks)
+        if rank:
+            self._add_deltas(rank)
         return self
+
+    def _add_deltas(self, rank: DeltaRank) -> None:
+        """Wrap each shared plain conv and linear of every use in a low-rank delta of that use's own."""
+        paths = self._shared_layer_paths()
+        for i in range(self.n):
+            private: set[int] = set()  # modules of this use copied here: safe to change
+            wrapped: dict[int, nn.Module] = {}  # shared layer -> its wrapper in this use (a layer under two names)
+            for path in paths:
+                base = self.uses[i].get_submodule(path)
+                if id(base) not in wrapped:
+                    wrapped[id(base)] = low_rank(base, resolve_rank(rank, base))
+                _replace_private(self.uses, f"{i}.{path}", wrapped[id(base)], private)
+        self.delta_rank = rank
+
+    def _shared_layer_paths(self) -> list[str]:
+        """Paths (relative to a use, every alias) of the plain convs and linears that all uses share."""
+        first = dict(self.uses[0].named_modules(remove_duplicate=False))
+        others = [dict(use.named_modules(remove_duplicate=False)) for use in self.uses[1:]]
+        return [
+            path
+            for path, m in first.items()
+            if path and takes_delta(m) and all(other.get(path) is m for other in others)
+        ]
+
+    def deltas(self, use: int) -> dict[str, nn.Module]:
+        """The delta wrappers of use ``use``, by their path relative to the use (empty without deltas)."""
+        return {name: m for name, m in self.uses[use].named_modules() if isinstance(m, _LowRank)}
 
     def _register_hooks(self) -> None:
         self.register_state_dict_post_hook(_drop_shared_keys)
@@ -337,7 +396,8 @@ class LayerReuse(nn.Module):
         block = _addindent(repr(self.uses[0]), 2)
         per_use = self.per_use if isinstance(self.per_use, str) else getattr(self.per_use, "__name__", "custom")
         ckpt = ", checkpoint=True" if self.checkpoint else ""
-        return f"LayerReuse(n={self.n}, shuffle={self.shuffle!r}, per_use={per_use!r}{ckpt}, block={block})"
+        delta = f", delta_rank={self.delta_rank!r}" if self.delta_rank else ""
+        return f"LayerReuse(n={self.n}, shuffle={self.shuffle!r}, per_use={per_use!r}{ckpt}{delta}, block={block})"
 
 
 def _apply_use(use: nn.Module, x: Tensor, shuffle: ChannelShuffle | None, fuse: bool) -> Tensor:
@@ -418,7 +478,7 @@ def wrap(block: nn.Module, n: int = 8, shuffle: bool = True, groups: int = 2, **
 
     ``wrap(block, n, shuffle, groups, **options)`` is ``LayerReuse(block, n, shuffle=shuffle, groups=groups,
     **options)``; see :class:`LayerReuse` for the arguments and the other options (``swap_halves``,
-    ``per_use``, ``checkpoint``).
+    ``per_use``, ``checkpoint``, ``delta_rank``).
 
     Example:
         >>> import reuse

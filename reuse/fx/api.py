@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from reuse._checks import check_bool, check_bools
 from reuse._errors import ReuseError
+from reuse.delta import DeltaRank, check_rank
 from reuse.filter import FilterReuseConv2d, filter_reuse
 from reuse.fx.find import _Found, _Options, _Planner
 from reuse.fx.report import ConversionReport, Run
@@ -185,6 +186,7 @@ def convert(
     report: bool = False,
     bank_size: int | float | None | _Default = _DEFAULT,
     mode: str = "index",
+    delta_rank: DeltaRank = 0,
 ) -> nn.Module | tuple[nn.Module, ConversionReport]:
     """Replace each run of same-structure stacked blocks in ``model`` by one reused block.
 
@@ -216,6 +218,12 @@ def convert(
             entries as replaced: the model computes exactly what it did, but does not get smaller; kernel
             reuse at full size even grows it by one scale per kernel).
         mode: with ``level="filter"|"kernel"``: ``"index"`` or ``"mix"``.
+        delta_rank: relaxed reuse: every use gets a low-rank delta of its own on each shared conv and linear
+            (see :mod:`reuse.delta`), started from the truncated SVD of the difference between the block it
+            replaces and the shared weights; an int (the rank), a float in (0, 1] (a fraction of each layer's
+            full rank) or 0 (plain reuse, the default). At full rank (``1.0``) the converted model computes what
+            the model handed in computes, whatever its blocks' weights; the report gives each run's parameters
+            in the deltas.
 
     Returns:
         The converted model, with the report as its ``reuse_report`` attribute; ``(model, report)`` when
@@ -244,6 +252,11 @@ def convert(
     """
     opts = _options(min_run, shuffle, groups, init, per_use, leaf_modules, example_inputs, level)
     check_bools("convert", inplace=inplace, report=report)
+    opts.delta_rank = check_rank(delta_rank, "convert")
+    if delta_rank and level != "layer":
+        raise ReuseError(
+            f"convert: delta_rank is a per-use delta of reused blocks; it takes level='layer', got {level!r}"
+        )
     _check_model(model)
     params_before = _count([model])
     if level != "layer":
@@ -288,7 +301,15 @@ def convert(
         params_after=_count([work]),
         notes=notes,
         graph_modules=graph_modules,
-        options=dict(min_run=min_run, shuffle=shuffle, groups=groups, init=init, per_use=per_use, level=level),
+        options=dict(
+            min_run=min_run,
+            shuffle=shuffle,
+            groups=groups,
+            init=init,
+            per_use=per_use,
+            level=level,
+            delta_rank=delta_rank,
+        ),  # fmt: skip
     )
     work.reuse_report = rep
     return (work, rep) if report else work

@@ -27,6 +27,7 @@ class _Options:
     leaf_types: tuple[type, ...]
     leaf_paths: frozenset[str]
     example_inputs: tuple | None
+    delta_rank: int | float = 0  # convert only: per-use low-rank deltas
 
 
 @dataclass

@@ -26,6 +26,7 @@ class Run:
     per_use: tuple[str, ...] = ()  # classes kept one per use besides the ``per_use`` option (drop-path, ...)
     params_before: int = 0  # parameters of the k blocks
     params_after: int = 0  # parameters of the LayerReuse: shared ones once, per-use ones k times
+    params_deltas: int = 0  # of params_after, those in the per-use low-rank deltas (convert's delta_rank)
     via: str = ""  # "sequential" (swapped in its nn.Sequential) or "graph" (owner traced into a GraphModule)
     owner: str = ""  # the module whose forward calls the blocks ("" is the model itself)
     period: int = 1  # modules per block; a block of several is reused as an nn.Sequential of them
@@ -89,6 +90,8 @@ class ConversionReport:
                 span = _span(list(r.blocks))
                 shape = "x".join(map(str, r.input_shape)) if r.input_shape else "-"
                 params = f"{r.params_before:,} -> {r.params_after:,}" if not r.skipped else f"{r.params_before:,}"
+                if r.params_deltas and not r.skipped:
+                    params += f" ({r.params_deltas:,} in deltas)"
                 status = f"skipped: {r.skipped}" if r.skipped else "converted" + (f" ({r.via})" if r.via else "")
                 rows.append((span, str(r.n), r.block_type, shape, "yes" if r.shuffle else "no", params, status))
             widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]

@@ -9,6 +9,7 @@ import torch
 from torch import fx, nn
 
 from reuse._errors import ReuseError
+from reuse.delta import init_from_blocks
 from reuse.fx.find import _Found, _Options, _Planner
 from reuse.fx.report import Run
 from reuse.fx.trace import _Tracer
@@ -16,6 +17,9 @@ from reuse.layer import LayerReuse
 
 
 def _build(found: _Found, opts: _Options) -> LayerReuse:
+    """The LayerReuse of a run: shared weights from the first block (or the mean), use ``i``'s per-use modules
+    from block ``i``, and with ``opts.delta_rank`` each use's deltas from the SVD of block ``i`` minus the shared
+    weights."""
     run, blocks = found.run, found.units
     lr = LayerReuse.from_blocks(blocks, shuffle=run.shuffle, groups=opts.groups, per_use=found.rule)
     lr.training = found.modules[0].training
@@ -27,7 +31,20 @@ def _build(found: _Found, opts: _Options) -> LayerReuse:
                 if name in params and params[name].is_floating_point():
                     # in float64: the mean of k equal tensors is then exactly that tensor
                     params[name].copy_(torch.stack([s[name].double() for s in sources]).mean(0))
+    if opts.delta_rank:
+        lr._add_deltas(opts.delta_rank)
+        for i, block in enumerate(blocks):
+            init_from_blocks(lr.deltas(i), block)
+        for m in lr.modules():
+            m.training = lr.training
+        run.params_deltas = sum(p.numel() for i in range(lr.n) for d in lr.deltas(i).values() for p in _own(d))
+        run.params_after = sum(p.numel() for p in lr.parameters())
     return lr
+
+
+def _own(delta: nn.Module) -> list[nn.Parameter]:
+    """A delta wrapper's own parameters (its factors and bias offset), not the shared layer's."""
+    return [p for name, p in delta.named_parameters() if not name.startswith("base.")]
 
 
 def _swap_in_sequential(model: nn.Module, run: Run, lr: LayerReuse) -> None:
