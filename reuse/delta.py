@@ -134,9 +134,10 @@ class _LowRank(nn.Module):
     @property
     def bias(self) -> Tensor | None:
         """This use's bias: the shared one plus the offset (None without a bias)."""
-        if self.bias_delta is None:
-            return None
-        return self.base.bias + self.bias_delta
+        shared, offset = self.base.bias, self.bias_delta
+        if shared is None or offset is None:
+            return shared
+        return shared + offset
 
     @torch.no_grad()
     def set_delta(self, delta: Tensor, bias_delta: Tensor | None = None) -> None:

@@ -98,16 +98,29 @@ def test_rank_zero_is_plain_convert() -> None:
     torch.testing.assert_close(outputs(zero, x), outputs(plain, x), rtol=0, atol=0)
 
 
+def near_blocks(c: int = 8, n: int = 4, spread: float = 0.2, seed: int = 0) -> nn.Sequential:
+    """A stack whose blocks are perturbations of one block, as the blocks of a trained stage are alike."""
+    model = randomized(stack(c, n), seed)
+    with torch.no_grad():
+        for block in model[2:]:
+            for name in ("conv1", "conv2"):
+                w = block.get_submodule(name).weight
+                w.copy_(model[1].get_submodule(name).weight + spread * w.std() * torch.randn_like(w))
+    return model.eval()
+
+
 def test_errors_fall_as_the_rank_grows() -> None:
-    """Weight error: truncated SVD, non-increasing (Eckart-Young). Output error on a fixed model: also."""
-    model = randomized(stack(c=8, n=4)).eval()
-    x = torch.randn(4, 3, 8, 8)
+    """Weight error: a truncated SVD, so non-increasing in the rank whatever the weights (Eckart-Young). Output
+    error: non-increasing on a fixed model whose blocks are alike (for unrelated random blocks the network is too
+    chaotic for the weight error to order the output error)."""
+    model = near_blocks()
+    x = torch.randn(8, 3, 8, 8)
     reference = outputs(model, x)
     ranks = [0, 1, 2, 4, 8]  # 8 = full rank of an 8-channel 3x3 conv: min(8, 72)
     out_err, w_err = [], []
     for r in ranks:
         new = reuse.convert(model, shuffle=False, init="mean", delta_rank=r, example_inputs=x)
-        out_err.append((outputs(new, x) - reference).abs().max().item())
+        out_err.append((outputs(new, x) - reference).square().mean().item())
         lr = new[1]
         err = 0.0
         for i in range(lr.n):
@@ -115,9 +128,9 @@ def test_errors_fall_as_the_rank_grows() -> None:
                 used = lr.uses[i].get_submodule(path).weight
                 err += (used - model[1 + i].get_submodule(path).weight).pow(2).sum().item()
         w_err.append(err)
-    assert all(a >= b - 1e-6 for a, b in zip(w_err, w_err[1:])), w_err
-    assert all(a >= b - 1e-6 for a, b in zip(out_err, out_err[1:])), out_err
-    assert w_err[-1] < 1e-8 and out_err[-1] < 1e-5 and out_err[0] > 100 * max(out_err[-1], 1e-7)
+    assert all(a >= b - 1e-9 for a, b in zip(w_err, w_err[1:])), w_err
+    assert all(a >= b - 1e-9 for a, b in zip(out_err, out_err[1:])), out_err
+    assert w_err[-1] < 1e-8 and out_err[-1] < 1e-10 and out_err[0] > 1e4 * max(out_err[-1], 1e-14)
 
 
 # ----------------------------------------------------------------------------------------------------------
