@@ -578,7 +578,20 @@ def write_report(lines: list[dict[str, Any]], args: argparse.Namespace) -> list[
     title = f"{args.grid}: test accuracy, mean and min-max over seeds"
     plot(rows, "n", args.results_dir / f"{args.grid}_acc_vs_n.png", title)
     plot(rows, "params", args.results_dir / f"{args.grid}_acc_vs_params.png", title)
+    if args.docs is not None:
+        update_docs(args.docs, args.grid, table(rows))
     return rows
+
+
+def update_docs(path: Path, grid: str, text: str) -> None:
+    """Put ``text`` between the lines ``<!-- grid:NAME -->`` and ``<!-- /grid:NAME -->`` of a markdown page."""
+    start, end = f"<!-- grid:{grid} -->", f"<!-- /grid:{grid} -->"
+    page = path.read_text()
+    if start not in page or end not in page:
+        raise ReuseError(f"--docs {path}: it has no {start} ... {end} block to put the table in; add those two lines")
+    before, rest = page.split(start, 1)
+    _, after = rest.split(end, 1)
+    TRAINER.write_text(path, f"{before}{start}\n{text.rstrip()}\n{end}{after}")
 
 
 # ------------------------------------------------------------------------------------------------ command line
@@ -621,6 +634,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", action="store_true", help="the script's progress bars (default: off)")
     p.add_argument("--dry-run", action="store_true", help="print the grid and its estimated time, then exit")
     p.add_argument("--report-only", action="store_true", help="table and plots from the JSONL; no training")
+    p.add_argument(
+        "--docs",
+        type=Path,
+        default=None,
+        help="also put the table in this markdown page, between <!-- grid:NAME --> and <!-- /grid:NAME -->",
+    )
     p.add_argument("--timing-steps", type=int, default=3, help="training steps timed per model in --dry-run")
     return p
 

@@ -171,3 +171,18 @@ def test_a_bad_jsonl_line_is_named(tmp_path: Path) -> None:
     (tmp_path / "results" / "tiny.jsonl").write_text(json.dumps(_line(1, 0, 0.8)) + "\n{not json\n")
     with pytest.raises(rp.ReuseError, match=r"tiny.jsonl:2: not a JSON line"):
         rp.main([*_args(tmp_path), "--report-only"])
+
+
+def test_report_only_regenerates_the_docs_table(tmp_path: Path) -> None:
+    (tmp_path / "results").mkdir()
+    lines = [_line(1, 0, 0.812), _line(1, 1, 0.846)]
+    (tmp_path / "results" / "tiny.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    page = tmp_path / "results.md"
+    page.write_text("# Results\n\nbefore\n<!-- grid:tiny -->\nold table\n<!-- /grid:tiny -->\nafter\n")
+    rp.main([*_args(tmp_path), "--report-only", "--docs", str(page)])
+    text = page.read_text()
+    assert "old table" not in text and text.startswith("# Results\n\nbefore\n<!-- grid:tiny -->\n| model |")
+    assert "82.90 ± 2.40" in text and text.endswith("<!-- /grid:tiny -->\nafter\n")
+    page.write_text("no markers\n")
+    with pytest.raises(rp.ReuseError, match="grid:tiny"):
+        rp.main([*_args(tmp_path), "--report-only", "--docs", str(page)])
