@@ -46,5 +46,7 @@ from reuse.shuffle import ChannelShuffle, channel_shuffle, shuffle_permutation
 
 __version__ = "0.1.0"
 
+from reuse import deploy  # noqa: E402, F401  (imports no optional package: those load inside its functions)
+
 # Registers LruNet with timm (``timm.create_model("lrunet14_1x")``) as a side effect of ``import reuse``.
 from reuse import models  # noqa: E402, F401
