@@ -46,7 +46,6 @@ from reuse.shuffle import ChannelShuffle, channel_shuffle, shuffle_permutation
 
 __version__ = "0.1.0"
 
-from reuse import deploy  # noqa: E402, F401  (imports no optional package: those load inside its functions)
-
-# Registers LruNet with timm (``timm.create_model("lrunet14_1x")``) as a side effect of ``import reuse``.
-from reuse import models  # noqa: E402, F401
+# ``reuse.deploy`` imports no optional package (onnx, onnxruntime load inside its functions). ``models``
+# registers LruNet with timm (``timm.create_model("lrunet14_1x")``) as a side effect of ``import reuse``.
+from reuse import deploy, models  # noqa: E402, F401

@@ -28,9 +28,7 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
-def optimize_for_inference(
-    model: nn.Module, *, channels_last: bool = True, share_weights: bool = False
-) -> nn.Module:
+def optimize_for_inference(model: nn.Module, *, channels_last: bool = True, share_weights: bool = False) -> nn.Module:
     """A copy of ``model`` for inference, with every BatchNorm that follows a convolution folded into it.
 
     Inside each :class:`~reuse.LayerReuse`, use ``i``'s BatchNorm is folded into a conv of its own (one folded
