@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from reuse._errors import ReuseError
 from reuse.optimize import optimize_for_inference
 
-__all__ = ["DeployReport", "export_onnx", "quantize_onnx", "stored_tensors"]
+__all__ = ["DeployReport", "export_onnx", "export_pte", "quantize_onnx", "stored_tensors"]
 
 _EXTRA = 'pip install "torch-reuse[deploy]"'
 
@@ -904,3 +904,85 @@ def _check_int8(src: str, data: bytes, batches: list[Any], limit: int = 4) -> tu
             count += len(a)
     agreement = same / count if count else None
     return diff, agreement, f"onnxruntime against {Path(src).name}, {min(limit, len(batches))} calibration batches"
+
+
+# ---------------------------------------------------------------------------------------------- ExecuTorch
+
+
+def export_pte(
+    model: nn.Module, path: str | os.PathLike, example_inputs: Tensor | tuple[Tensor, ...], *, tolerance: float = 1e-4
+) -> DeployReport:
+    """Write ``model`` as an ExecuTorch program (``.pte``) delegated to XNNPACK, shared weights kept shared.
+
+    The model is rewritten as for :func:`export_onnx` (``share_weights=True``), captured with
+    ``torch.export`` at the example's shapes (ExecuTorch programs have static shapes), lowered with the XNNPACK
+    partitioner and checked in ExecuTorch's runtime against the model before the file is written.
+
+    ExecuTorch is not in the ``deploy`` extra: each of its releases is built for one torch release
+    (executorch 1.5.1 for torch 2.14), so install the one that matches yours.
+
+    Args:
+        model: a module; it is not modified.
+        path: the ``.pte`` file to write (replaced whole, never half-written).
+        example_inputs: a tensor or a tuple of tensors; their shapes are the program's.
+        tolerance: largest accepted output difference, relative to the outputs' magnitude (at least 1).
+
+    Returns:
+        A :class:`DeployReport` (file bytes against the model's parameter bytes, the check).
+
+    Example:
+        >>> from reuse.models import LruNet
+        >>> reuse.deploy.export_pte(LruNet(reuse=2), "m.pte", torch.randn(1, 3, 32, 32))  # doctest: +SKIP
+    """
+    try:
+        exir = importlib.import_module("executorch.exir")
+        xnnpack = importlib.import_module("executorch.backends.xnnpack.partition.xnnpack_partitioner")
+    except ImportError:
+        raise ReuseError(
+            "reuse.deploy.export_pte needs ExecuTorch, which is not installed; install the release built for "
+            f"your torch {torch.__version__.split('+')[0]} (pip install executorch; 1.5.1 goes with torch 2.14)"
+        ) from None
+    if not isinstance(model, nn.Module):
+        raise ReuseError(f"export_pte: needs an nn.Module, got {type(model).__name__}")
+    inputs = tuple(t.contiguous() for t in _as_tuple(example_inputs))
+    path = Path(path)
+    deployable = optimize_for_inference(model, share_weights=True, channels_last=False)
+    try:
+        program = torch.export.export(deployable, inputs)
+        lowered = exir.to_edge_transform_and_lower(program, partitioner=[xnnpack.XnnpackPartitioner()])
+        data = bytes(lowered.to_executorch().buffer)
+    except Exception as err:  # noqa: BLE001 - re-raised with the context
+        raise ReuseError(
+            f"export_pte: torch.export / ExecuTorch lowering failed on {type(model).__name__} with inputs "
+            f"{[tuple(t.shape) for t in inputs]}: {type(err).__name__}: {err}"
+        ) from err
+    diff, check = _check_pte(data, deployable, inputs, tolerance)
+    _atomic_write(path, data)
+    return DeployReport(
+        path=str(path),
+        kind="ExecuTorch .pte (XNNPACK)",
+        file_bytes=path.stat().st_size,
+        param_bytes=_param_bytes(model),
+        tensors=sum(1 for _ in program.state_dict) + len(program.constants),
+        tensor_bytes=sum(
+            t.numel() * t.element_size() for t in (*program.state_dict.values(), *program.constants.values())
+        ),
+        max_abs_diff=diff,
+        check=check,
+    )
+
+
+def _check_pte(data: bytes, model: nn.Module, inputs: tuple[Tensor, ...], tolerance: float) -> tuple[float, str]:
+    runtime = importlib.import_module("executorch.runtime")
+    method = runtime.Runtime.get().load_program(data).load_method("forward")
+    got = [t.float() for t in method.execute(list(inputs))]
+    expected = _outputs(model, inputs)
+    worst = 0.0
+    for g, e in zip(got, expected):
+        diff = (g - e).abs().max().item()
+        if not diff <= tolerance * max(1.0, e.abs().max().item()):
+            raise ReuseError(
+                f"export_pte: ExecuTorch's output differs from the model's by {diff:.3g}; nothing was written"
+            )
+        worst = max(worst, diff)
+    return worst, f"ExecuTorch runtime, batch {inputs[0].shape[0]}"
