@@ -214,8 +214,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--n", type=int, default=14, help="uses of each block (N-LruNet-1x)")
     parser.add_argument("--rounds", type=int, default=5, help="rounds of turns (median over all calls)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (about 1 min a graph)")
+    parser.add_argument(
+        "--threads", type=int, default=torch.get_num_threads(), help="threads for torch and onnxruntime alike"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for deploy_speed.json and .md")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     info = machine()
     print("machine:", json.dumps(info), flush=True)
     with tempfile.TemporaryDirectory() as tmp:

@@ -170,8 +170,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--data-dir", type=Path, default=SHARED / "data" / "fashion_mnist")
     parser.add_argument("--out", type=Path, default=Path("deploy_out"), help="where the .onnx files go")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    parser.add_argument(
+        "--threads", type=int, default=torch.get_num_threads(), help="threads for torch and onnxruntime alike"
+    )
     parser.add_argument("--rounds", type=int, default=5, help="timing rounds (median over all calls)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     checkpoints = args.checkpoint or [SHARED / "pretrained" / "lrunet-official" / c for c in CHECKPOINTS]
     for c in checkpoints:
         if not c.is_file():

@@ -6,9 +6,9 @@ by content in the file) or from arithmetic on the architecture, never from the c
 
 from __future__ import annotations
 
-import builtins
 import copy
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -174,26 +174,36 @@ def test_bad_inputs_name_the_option(tmp_path: Path) -> None:
         reuse.deploy.quantize_onnx(tmp_path / "m.onnx", tmp_path / "q.onnx", [torch.randn(1, 3, 12, 12)], method="x")
 
 
+def hide(monkeypatch: pytest.MonkeyPatch, package: str) -> None:
+    """Make ``import package`` (and its submodules) fail as if it were not installed."""
+    for name in [m for m in sys.modules if m == package or m.startswith(f"{package}.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, package, None)  # the import system raises ImportError for None
+
+
 @pytest.mark.parametrize("missing", ["onnx", "onnxruntime"])
 def test_missing_packages_name_the_extra(missing: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_import = builtins.__import__
-
-    def fake_import(name: str, *args: object, **kwargs: object) -> object:
-        if name == missing or name.startswith(f"{missing}."):
-            raise ImportError(f"No module named {name!r}")
-        return real_import(name, *args, **kwargs)
-
-    for name in [m for m in list(__import__("sys").modules) if m == missing or m.startswith(f"{missing}.")]:
-        monkeypatch.delitem(__import__("sys").modules, name)
-    monkeypatch.setattr(builtins, "__import__", fake_import)
-    call = (
-        (lambda: reuse.deploy.export_onnx(plain_cnn(), tmp_path / "m.onnx", torch.randn(1, 3, 12, 12)))
-        if missing == "onnx"
-        else (lambda: reuse.deploy.quantize_onnx(tmp_path / "m.onnx", tmp_path / "q.onnx", [torch.randn(1, 3)]))
-    )
+    reuse.deploy.export_onnx(plain_cnn().eval(), tmp_path / "m.onnx", torch.randn(1, 3, 12, 12))
+    hide(monkeypatch, missing)
+    calls = {
+        "onnx": lambda: reuse.deploy.export_onnx(plain_cnn(), tmp_path / "n.onnx", torch.randn(1, 3, 12, 12)),
+        "onnxruntime": lambda: reuse.deploy.quantize_onnx(tmp_path / "m.onnx", tmp_path / "q.onnx", [np.zeros(1)]),
+    }
     with pytest.raises(reuse.ReuseError, match=r'pip install "torch-reuse\[deploy\]"') as caught:
-        call()
+        calls[missing]()
     assert repr(missing) in str(caught.value)
+    assert not (tmp_path / "n.onnx").exists() and not (tmp_path / "q.onnx").exists()
+
+
+def test_export_without_onnxruntime_is_written_and_says_it_was_not_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hide(monkeypatch, "onnxruntime")
+    report = reuse.deploy.export_onnx(plain_cnn().eval(), tmp_path / "m.onnx", torch.randn(1, 3, 12, 12))
+    assert report.max_abs_diff is None and "onnxruntime is not installed" in report.check
+    monkeypatch.undo()
+    x = torch.randn(2, 3, 12, 12)
+    assert ort_run(tmp_path / "m.onnx", x).shape == (2, 5)
 
 
 # -------------------------------------------------------------------------------------------------- int8
@@ -252,3 +262,21 @@ def test_int8_per_tensor_weights_cannot_share_and_say_so(small_int8: tuple, tmp_
     batches = [torch.rand(8, 1, 28, 28) for _ in range(2)]
     report = reuse.deploy.quantize_onnx(fp32, tmp_path / "pt.onnx", batches, per_channel=False)
     assert any("cannot share" in note for note in report.notes)
+
+
+# ---------------------------------------------------------------------------------------------- ExecuTorch
+
+
+def test_export_pte_matches_the_model_and_keeps_the_weights_shared(tmp_path: Path) -> None:
+    pytest.importorskip("executorch", reason="export_pte needs ExecuTorch (the release built for this torch)")
+    model = trained(LruNet(width_mult=0.25, reuse=4))
+    report = reuse.deploy.export_pte(model, tmp_path / "m.pte", torch.randn(1, 3, 32, 32))
+    assert report.max_abs_diff is not None and report.max_abs_diff < 1e-4
+    folded = 4 * sum(p.numel() for p in reuse.optimize_for_inference(model).parameters())
+    assert report.file_bytes < 0.6 * folded, str(report)  # one folded conv per use would be 2.5x the model
+
+
+def test_export_pte_without_executorch_says_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    hide(monkeypatch, "executorch")
+    with pytest.raises(reuse.ReuseError, match="pip install executorch"):
+        reuse.deploy.export_pte(plain_cnn(), tmp_path / "m.pte", torch.randn(1, 3, 12, 12))
