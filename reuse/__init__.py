@@ -49,11 +49,12 @@ from reuse.shuffle import ChannelShuffle, channel_shuffle, shuffle_permutation
 
 __version__ = "0.1.0"
 
-_LAZY = ("models",)  # imported on first use: reuse.models imports timm (about 1.7 s) to register LruNet
+_LAZY = ("models", "deploy")  # imported on first use: reuse.models imports timm (about 1.7 s) to register LruNet
 
 
 def __getattr__(name: str) -> object:
-    """``reuse.models`` without an import of its own; ``import reuse`` stays light (no timm)."""
+    """``reuse.models`` and ``reuse.deploy`` without an import of their own; ``import reuse`` stays light (no timm,
+    no onnx)."""
     if name in _LAZY:
         import importlib
 

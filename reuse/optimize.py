@@ -1,4 +1,5 @@
-"""Inference-time optimisation of reused networks: fold each use's BatchNorm into that use's convolution.
+"""Inference-time optimisation of reused networks: fold each use's BatchNorm into that use's convolution,
+or keep the shared convolution and turn each use's BatchNorm into a per-use channel scale and shift.
 
 A reused conv is one module called N times, each call followed by a different BatchNorm. Folding a
 BatchNorm into a conv rewrites the conv's weights, so the N uses need N folded convs: one per use, each
@@ -22,13 +23,13 @@ from reuse._checks import check_bool
 from reuse._errors import ReuseError
 from reuse.layer import LayerReuse, _shallow_copy
 
-__all__ = ["optimize_for_inference"]
+__all__ = ["ChannelAffine", "optimize_for_inference"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
-def optimize_for_inference(model: nn.Module, *, channels_last: bool = True) -> nn.Module:
+def optimize_for_inference(model: nn.Module, *, channels_last: bool = True, share_weights: bool = False) -> nn.Module:
     """A copy of ``model`` for inference, with every BatchNorm that follows a convolution folded into it.
 
     Inside each :class:`~reuse.LayerReuse`, use ``i``'s BatchNorm is folded into a conv of its own (one folded
@@ -37,9 +38,16 @@ def optimize_for_inference(model: nn.Module, *, channels_last: bool = True) -> n
     the conv is a plain ``nn.Conv1d/2d/3d`` called once, its output feeds only a plain BatchNorm called once;
     anything else is left as it is (a warning names a conv followed by a BatchNorm that was not folded).
 
+    With ``share_weights=True``, a conv that several uses share is kept, ONE module for all of them, and use
+    ``i``'s BatchNorm becomes a :class:`ChannelAffine` after it (``x * scale_i + shift_i``, the BatchNorm's
+    eval-mode function): the model keeps its parameter count, less the parameters of the BatchNorms folded
+    outside reuse. Convs that no two uses share (``n=1``, ``per_use="all"``) are folded either way.
+
     Args:
         model: any module; it is not modified.
         channels_last: store 4-d weights in ``channels_last`` memory format (faster convolutions on CPU).
+        share_weights: keep shared convs shared, each use's BatchNorm as a per-use channel scale and shift,
+            instead of one folded conv per use. Smaller, and in eager PyTorch slower: see docs/deployment.md.
 
     Returns:
         A new module in eval mode, parameters frozen (``requires_grad=False``); in eval mode it computes what
@@ -51,19 +59,65 @@ def optimize_for_inference(model: nn.Module, *, channels_last: bool = True) -> n
         >>> fast = reuse.optimize_for_inference(reuse.wrap(block, n=3))
         >>> [type(m).__name__ for m in fast.uses[2]], fast.uses[2][0] is fast.uses[0][0]
         (['Conv2d', 'Identity', 'ReLU'], False)
+        >>> small = reuse.optimize_for_inference(reuse.wrap(block, n=3), share_weights=True)
+        >>> [type(m).__name__ for m in small.uses[2]], small.uses[2][0] is small.uses[0][0]
+        (['Conv2d', 'ChannelAffine', 'ReLU'], True)
     """
     if not isinstance(model, nn.Module):
         raise ReuseError(f"optimize_for_inference: needs an nn.Module, got {type(model).__name__}")
     check_bool(channels_last, "channels_last", "optimize_for_inference")
+    check_bool(share_weights, "share_weights", "optimize_for_inference")
     model = copy.deepcopy(model).eval()
     for layer in [m for m in model.modules() if isinstance(m, LayerReuse)]:
-        _fold_reused(model, layer)
+        _fold_reused(model, layer, share_weights)
     _fold_scope(model, model, "")
     for p in model.parameters():
         p.requires_grad_(False)
         if channels_last and p.dim() == 4:
             p.data = p.data.contiguous(memory_format=torch.channels_last)
     return model
+
+
+class ChannelAffine(nn.Module):
+    """``x * scale + shift`` with one scale and one shift per channel (dim 1): a BatchNorm in eval mode, kept
+    apart from the conv before it so that the conv's weight can stay shared by several uses.
+
+    Example:
+        >>> bn = nn.BatchNorm2d(4).eval()
+        >>> affine = ChannelAffine.from_batchnorm(bn)
+        >>> x = torch.randn(2, 4, 3, 3)
+        >>> torch.allclose(affine(x), bn(x), atol=1e-6), affine
+        (True, ChannelAffine(4))
+    """
+
+    def __init__(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        super().__init__()
+        if scale.dim() != 1 or scale.shape != shift.shape:
+            raise ReuseError(
+                f"ChannelAffine: scale and shift must be two vectors of one length (one entry per channel), "
+                f"got shapes {tuple(scale.shape)} and {tuple(shift.shape)}"
+            )
+        self.scale = nn.Parameter(scale)
+        self.shift = nn.Parameter(shift)
+
+    @classmethod
+    @torch.no_grad()
+    def from_batchnorm(cls, bn: nn.Module) -> ChannelAffine:
+        """The eval-mode function of ``bn`` (the arithmetic in float64, stored in its dtype)."""
+        scale, shift = _bn_scale_shift(bn)
+        dtype = bn.running_mean.dtype
+        return cls(scale.to(dtype), shift.to(dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        scale, shift = self.scale.view(shape), self.shift.view(shape)  # (1, C, 1, ...)
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+            # Mul then Add: what graph optimizers (onnxruntime's, inductor's) fold into the conv before it
+            return x * scale + shift  # (B, C, ...)
+        return torch.addcmul(shift, x, scale)  # (B, C, ...), one pass over x in eager
+
+    def extra_repr(self) -> str:
+        return str(self.scale.numel())
 
 
 class _ReuseLeafTracer(torch.fx.Tracer):
@@ -122,18 +176,24 @@ def _why_not_foldable(conv: nn.Module, bn: nn.Module, conv_calls: int, bn_calls:
     return ""
 
 
+def _bn_scale_shift(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """``bn``'s eval-mode function as ``x * scale + shift``, in float64."""
+    scale = torch.rsqrt(bn.running_var.double() + bn.eps)  # (C,)
+    if bn.weight is not None:
+        scale = scale * bn.weight.double()
+    shift = -bn.running_mean.double() * scale  # (C,)
+    if bn.bias is not None:
+        shift = shift + bn.bias.double()
+    return scale, shift
+
+
 @torch.no_grad()
 def _folded(conv: nn.Module, bn: nn.Module) -> nn.Module:
     """A new conv computing ``bn(conv(x))`` in eval mode (the arithmetic in float64, stored in conv's dtype)."""
     w = conv.weight.double()
-    scale = torch.rsqrt(bn.running_var.double() + bn.eps)  # (C,)
-    if bn.weight is not None:
-        scale = scale * bn.weight.double()
-    bias = -bn.running_mean.double() * scale  # (C,)
+    scale, bias = _bn_scale_shift(bn)  # (C,), (C,)
     if conv.bias is not None:
         bias = bias + conv.bias.double() * scale
-    if bn.bias is not None:
-        bias = bias + bn.bias.double()
     fused = copy.deepcopy(conv)
     fused.weight = nn.Parameter((w * scale.view(-1, *[1] * (w.dim() - 1))).to(conv.weight.dtype))
     fused.bias = nn.Parameter(bias.to(conv.weight.dtype))
@@ -160,8 +220,9 @@ def _replace(root: nn.Module, path: str, new: nn.Module) -> None:
     parent._modules[leaf] = new
 
 
-def _fold_reused(root: nn.Module, layer: LayerReuse) -> None:
-    """Fold use i's BatchNorms into convs of use i's own, for every use of ``layer``."""
+def _fold_reused(root: nn.Module, layer: LayerReuse, share_weights: bool) -> None:
+    """Fold use i's BatchNorms into convs of use i's own, for every use of ``layer``; with ``share_weights``,
+    a conv shared by several uses stays shared and each use's BatchNorm becomes a :class:`ChannelAffine`."""
     prefix = next(name for name, m in root.named_modules() if m is layer)
     prefix = f"{prefix}." if prefix else ""
     block = layer.uses[0]
@@ -173,11 +234,16 @@ def _fold_reused(root: nn.Module, layer: LayerReuse) -> None:
         )
         return
     pairs = _conv_bn_pairs(block, graph, f"{prefix}uses.0.")
+    # Decided before anything is replaced: whether the uses hold one conv object between them.
+    shared = {conv: len({id(use.get_submodule(conv)) for use in layer.uses}) < layer.n for conv, _ in pairs}
     for i in range(layer.n):
         for conv_path, bn_path in pairs:
             use = root.get_submodule(f"{prefix}uses.{i}")  # by path: a copy on write may have replaced it
-            fused = _folded(use.get_submodule(conv_path), use.get_submodule(bn_path))
-            _replace(root, f"{prefix}uses.{i}.{conv_path}", fused)
+            conv, bn = use.get_submodule(conv_path), use.get_submodule(bn_path)
+            if share_weights and shared[conv_path]:
+                _replace(root, f"{prefix}uses.{i}.{bn_path}", ChannelAffine.from_batchnorm(bn))
+                continue
+            _replace(root, f"{prefix}uses.{i}.{conv_path}", _folded(conv, bn))
             _replace(root, f"{prefix}uses.{i}.{bn_path}", nn.Identity())
 
 

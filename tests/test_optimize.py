@@ -175,3 +175,70 @@ def test_not_a_module() -> None:
 def test_channels_last_takes_only_bools() -> None:
     with pytest.raises(reuse.ReuseError, match="channels_last must be True or False"):
         reuse.optimize_for_inference(nn.Conv2d(3, 8, 3), channels_last="no")
+
+
+# ---------------------------------------------------------------------------------------- share_weights=True
+
+
+@pytest.mark.parametrize("name", ["lrunet-1-2x", "net", "lru-block"])  # LruNet at N > 1: the next test
+def test_shared_weights_mode_equals_the_model_and_keeps_its_size(name: str) -> None:
+    torch.manual_seed(0)
+    make, shape = MODELS[name]
+    x = torch.randn(shape)
+    model = trained(make, x)
+    small = reuse.optimize_for_inference(model, share_weights=True)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-5)
+    # Parameters: the model's, less the BatchNorms folded into an unshared conv (2 per channel become a conv's 1
+    # bias per channel, or none where the conv had a bias already); each use's BatchNorm a scale and a shift.
+    outside = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    reused = [layer for layer in model.modules() if isinstance(layer, reuse.LayerReuse) and layer.n > 1]
+    inside = {id(m) for layer in reused for m in layer.modules()}
+    folded = [m for m in outside if id(m) not in inside]  # outside reuse, or in a block used once
+    n_params = sum(p.numel() for p in model.parameters())
+    assert n_params - 2 * sum(m.num_features for m in folded) <= sum(p.numel() for p in small.parameters())
+    assert sum(p.numel() for p in small.parameters()) <= n_params - sum(m.num_features for m in folded)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in small.modules()), "a BatchNorm was left"
+
+
+def test_shared_weights_mode_keeps_one_conv_and_a_scale_per_use() -> None:
+    torch.manual_seed(0)
+    model = trained(lambda: LruNet(width_mult=0.5, reuse=4), torch.randn(4, 3, 32, 32))
+    small = reuse.optimize_for_inference(model, share_weights=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-5)
+    # the stem's and the head's BatchNorms fold into their convs (32 and 128 channels at 0.5x: 2 parameters per
+    # channel become 1 bias); every reused conv stays one conv, each use's BatchNorm one scale and one shift
+    assert sum(p.numel() for p in small.parameters()) == sum(p.numel() for p in model.parameters()) - 32 - 128
+    assert len({id(use.dw) for use in small.stage2.uses}) == 1, "the uses no longer share the depthwise conv"
+    for use, mine in zip(model.stage2.uses, small.stage2.uses):  # use i: gamma_i / sigma_i and its shift
+        bn = use.dw_bn
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        torch.testing.assert_close(mine.dw_bn.scale, scale)
+        torch.testing.assert_close(mine.dw_bn.shift, bn.bias - bn.running_mean * scale)
+
+
+def test_shared_weights_mode_folds_convs_no_two_uses_share() -> None:
+    torch.manual_seed(0)
+    model = trained(lambda: LruNet(width_mult=0.25, reuse=3, share=False), torch.randn(2, 3, 32, 32))
+    small = reuse.optimize_for_inference(model, share_weights=True)
+    assert not any(isinstance(m, reuse.optimize.ChannelAffine) for m in small.modules())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_shared_weights_mode_leaves_the_input_untouched() -> None:
+    torch.manual_seed(0)
+    model = trained(Net, torch.randn(4, 3, 8, 8)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    reuse.optimize_for_inference(model, share_weights=True)
+    assert model.training
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert isinstance(model.body.uses[1].bn1, nn.BatchNorm2d)
+
+
+def test_share_weights_must_be_a_bool() -> None:
+    with pytest.raises(reuse.ReuseError, match="share_weights must be True or False"):
+        reuse.optimize_for_inference(nn.Conv2d(1, 1, 1), share_weights="yes")  # type: ignore[arg-type]

@@ -1,0 +1,287 @@
+"""reuse.deploy: ONNX files that store every shared weight once, checked in onnxruntime; int8 that keeps them shared.
+
+Expected values come from the eager model (outputs), from the model's own tensors (the shared weights, looked up
+by content in the file) or from arithmetic on the architecture, never from the code under test.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import reuse
+from reuse.models import LruNet
+
+onnx = pytest.importorskip("onnx", reason="reuse.deploy needs onnx (pip install 'torch-reuse[deploy]')")
+ort = pytest.importorskip("onnxruntime", reason="the checks run the files in onnxruntime ('torch-reuse[deploy]')")
+pytest.importorskip("onnxruntime.quantization", reason="quantize_onnx needs onnxruntime's quantization tools")
+
+
+def trained(model: nn.Module, seed: int = 0) -> nn.Module:
+    """BatchNorms with per-use statistics and affine parameters of both signs, as after training."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(-1.5, 1.5)
+                m.bias.uniform_(-0.3, 0.3)
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def plain_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 5),
+    )
+
+
+def converted_resnet18() -> nn.Module:
+    return reuse.fx.convert(torchvision.models.resnet18(num_classes=10))
+
+
+MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "lrunet-n1": (lambda: LruNet(width_mult=0.25, reuse=1), (2, 3, 32, 32)),
+    "lrunet-n2": (lambda: LruNet(width_mult=0.25, reuse=2), (2, 3, 32, 32)),
+    "lrunet-n8": (lambda: LruNet(width_mult=0.25, reuse=8, in_chans=1), (2, 1, 28, 28)),
+    "resnet18-converted": (converted_resnet18, (2, 3, 32, 32)),
+    "plain-cnn": (plain_cnn, (2, 3, 12, 12)),
+}
+
+
+def ort_run(path: str | Path, x: torch.Tensor) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+
+
+def initializers(path: Path) -> dict[str, np.ndarray]:
+    model = onnx.load(str(path))
+    return {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_export_runs_in_onnxruntime_with_the_models_outputs(name: str, tmp_path: Path) -> None:
+    make, shape = MODELS[name]
+    model = trained(make())
+    report = reuse.deploy.export_onnx(model, tmp_path / "m.onnx", torch.randn(shape))
+    x = torch.randn(5, *shape[1:])  # another batch size than the example's
+    with torch.no_grad():
+        expected = model(x).numpy()
+    np.testing.assert_allclose(ort_run(tmp_path / "m.onnx", x), expected, rtol=1e-4, atol=1e-4)
+    assert report.max_abs_diff is not None and report.max_abs_diff < 1e-4
+    assert report.file_bytes == os.path.getsize(tmp_path / "m.onnx")
+    assert report.param_bytes == 4 * sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("n", [2, 8])
+def test_each_shared_weight_is_stored_once(n: int, tmp_path: Path) -> None:
+    model = trained(LruNet(width_mult=0.25, reuse=n))
+    reuse.deploy.export_onnx(model, tmp_path / "m.onnx", torch.randn(1, 3, 32, 32))
+    stored = list(initializers(tmp_path / "m.onnx").values())
+    for k, stage in enumerate(model.stages, start=1):
+        for conv in ("dw", "pw"):
+            weight = getattr(stage.uses[0], conv).weight.detach().numpy()
+            copies = sum(a.shape == weight.shape and np.array_equal(a, weight) for a in stored)
+            assert copies == 1, f"stage{k}.{conv}: {copies} copies of the shared weight"
+    # And the file holds the model's floats once: the convs once, 2 per channel per BatchNorm, the stem and
+    # head BatchNorms folded (their conv gains a bias: 1 per channel instead of 2).
+    floats = sum(a.size for a in stored if a.dtype == np.float32)
+    folded_away = model.stem[1].num_features + model.head_bn.num_features
+    assert floats == sum(p.numel() for p in model.parameters()) - folded_away
+
+
+def test_file_size_does_not_depend_on_the_example_batch(tmp_path: Path) -> None:
+    model = trained(LruNet(width_mult=0.25, reuse=2))
+    small = reuse.deploy.export_onnx(model, tmp_path / "b1.onnx", torch.randn(1, 3, 32, 32))
+    large = reuse.deploy.export_onnx(model, tmp_path / "b7.onnx", torch.randn(7, 3, 32, 32))
+    assert small.file_bytes == large.file_bytes
+    one, seven = initializers(tmp_path / "b1.onnx"), initializers(tmp_path / "b7.onnx")
+    assert one.keys() == seven.keys()
+    assert all(np.array_equal(one[k], seven[k]) for k in one), "a stored tensor depends on the example's batch"
+
+
+def test_the_file_is_small_and_the_report_says_so(tmp_path: Path) -> None:
+    model = trained(LruNet(width_mult=0.5, reuse=8))
+    report = reuse.deploy.export_onnx(model, tmp_path / "m.onnx", torch.randn(1, 3, 32, 32))
+    assert report.ratio < 1.2, str(report)  # per-use folded convs would be about 5x here
+    assert "file bytes" in str(report) and f"{report.file_bytes:,}" in str(report)
+
+
+def test_fixed_batch_export(tmp_path: Path) -> None:
+    model = trained(plain_cnn())
+    report = reuse.deploy.export_onnx(model, tmp_path / "m.onnx", torch.randn(3, 3, 12, 12), dynamic_batch=False)
+    dims = onnx.load(str(tmp_path / "m.onnx")).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims] == [3, 3, 12, 12]
+    assert report.check == "onnxruntime, batch 3"
+
+
+def test_dynamo_exporter(tmp_path: Path) -> None:
+    pytest.importorskip("onnxscript", reason="torch's dynamo ONNX exporter needs onnxscript")
+    model = trained(LruNet(width_mult=0.25, reuse=2))
+    reuse.deploy.export_onnx(model, tmp_path / "m.onnx", torch.randn(2, 3, 32, 32), dynamo=True)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        np.testing.assert_allclose(ort_run(tmp_path / "m.onnx", x), model(x).numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_the_model_handed_in_is_untouched(tmp_path: Path) -> None:
+    model = trained(LruNet(width_mult=0.25, reuse=2)).train()
+    before = copy.deepcopy(model.state_dict())
+    modules = dict(model.named_modules(remove_duplicate=False))
+    reuse.deploy.export_onnx(model, tmp_path / "m.onnx", torch.randn(2, 3, 32, 32))
+    assert model.training
+    assert dict(model.named_modules(remove_duplicate=False)) == modules
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_failed_check_writes_nothing(tmp_path: Path) -> None:
+    class Lies(nn.Module):  # differs between eager and the traced graph: the check must catch it
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * 2 if torch.jit.is_tracing() else x
+
+    with pytest.raises(reuse.ReuseError, match="differs from the model's"):
+        reuse.deploy.export_onnx(Lies(), tmp_path / "m.onnx", torch.randn(2, 3))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_inputs_name_the_option(tmp_path: Path) -> None:
+    with pytest.raises(reuse.ReuseError, match="example_inputs must be a tensor"):
+        reuse.deploy.export_onnx(plain_cnn(), tmp_path / "m.onnx", [1, 2])
+    with pytest.raises(reuse.ReuseError, match="needs an nn.Module"):
+        reuse.deploy.export_onnx(lambda x: x, tmp_path / "m.onnx", torch.randn(1))  # type: ignore[arg-type]
+    with pytest.raises(reuse.ReuseError, match="no file"):
+        reuse.deploy.quantize_onnx(tmp_path / "absent.onnx", tmp_path / "q.onnx", [torch.randn(1, 3)])
+    reuse.deploy.export_onnx(plain_cnn().eval(), tmp_path / "m.onnx", torch.randn(1, 3, 12, 12))
+    with pytest.raises(reuse.ReuseError, match="calibration holds no batch"):
+        reuse.deploy.quantize_onnx(tmp_path / "m.onnx", tmp_path / "q.onnx", [])
+    with pytest.raises(reuse.ReuseError, match="method must be one of"):
+        reuse.deploy.quantize_onnx(tmp_path / "m.onnx", tmp_path / "q.onnx", [torch.randn(1, 3, 12, 12)], method="x")
+
+
+def hide(monkeypatch: pytest.MonkeyPatch, package: str) -> None:
+    """Make ``import package`` (and its submodules) fail as if it were not installed."""
+    for name in [m for m in sys.modules if m == package or m.startswith(f"{package}.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, package, None)  # the import system raises ImportError for None
+
+
+@pytest.mark.parametrize("missing", ["onnx", "onnxruntime"])
+def test_missing_packages_name_the_extra(missing: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    reuse.deploy.export_onnx(plain_cnn().eval(), tmp_path / "m.onnx", torch.randn(1, 3, 12, 12))
+    hide(monkeypatch, missing)
+    calls = {
+        "onnx": lambda: reuse.deploy.export_onnx(plain_cnn(), tmp_path / "n.onnx", torch.randn(1, 3, 12, 12)),
+        "onnxruntime": lambda: reuse.deploy.quantize_onnx(tmp_path / "m.onnx", tmp_path / "q.onnx", [np.zeros(1)]),
+    }
+    with pytest.raises(reuse.ReuseError, match=r'pip install "torch-reuse\[deploy\]"') as caught:
+        calls[missing]()
+    assert repr(missing) in str(caught.value)
+    assert not (tmp_path / "n.onnx").exists() and not (tmp_path / "q.onnx").exists()
+
+
+def test_export_without_onnxruntime_is_written_and_says_it_was_not_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hide(monkeypatch, "onnxruntime")
+    report = reuse.deploy.export_onnx(plain_cnn().eval(), tmp_path / "m.onnx", torch.randn(1, 3, 12, 12))
+    assert report.max_abs_diff is None and "onnxruntime is not installed" in report.check
+    monkeypatch.undo()
+    x = torch.randn(2, 3, 12, 12)
+    assert ort_run(tmp_path / "m.onnx", x).shape == (2, 5)
+
+
+# -------------------------------------------------------------------------------------------------- int8
+
+
+@pytest.fixture(scope="module")
+def small_int8(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, Path, Path, object]:
+    """A 4-LruNet-0.25x with trained-looking BatchNorms, exported and quantized on 8 batches of 16."""
+    folder = tmp_path_factory.mktemp("int8")
+    model = trained(LruNet(width_mult=0.25, reuse=4, in_chans=1), seed=1)
+    generator = torch.Generator().manual_seed(0)
+    calibration = [torch.rand(16, 1, 28, 28, generator=generator) for _ in range(8)]
+    reuse.deploy.export_onnx(model, folder / "fp32.onnx", calibration[0][:1])
+    report = reuse.deploy.quantize_onnx(folder / "fp32.onnx", folder / "int8.onnx", calibration)
+    return model, folder / "fp32.onnx", folder / "int8.onnx", report
+
+
+def test_int8_keeps_the_predictions_on_most_inputs(small_int8: tuple) -> None:
+    model, _, int8, report = small_int8
+    x = torch.rand(200, 1, 28, 28, generator=torch.Generator().manual_seed(5))  # not the calibration batches
+    with torch.no_grad():
+        expected = model(x).argmax(1).numpy()
+    agreement = (ort_run(int8, x).argmax(1) == expected).mean()
+    assert agreement >= 0.9, f"int8 agrees with the model on {agreement:.0%} of the inputs"
+    assert report.agreement is not None and report.agreement >= 0.9
+
+
+def test_int8_stores_each_shared_weight_once(small_int8: tuple) -> None:
+    model, _, int8, report = small_int8
+    stored = initializers(int8)
+    int8_tensors = [a for a in stored.values() if a.dtype == np.int8 and a.ndim == 4]
+    for k, stage in enumerate(model.stages, start=1):
+        for conv in ("dw", "pw"):
+            w = getattr(stage.uses[0], conv).weight.detach().double().numpy()  # (C, C_in/g, kh, kw)
+            step = np.abs(w).reshape(len(w), -1).max(1).reshape(-1, 1, 1, 1) / 127  # symmetric, per channel
+            expected = np.round(w / step).astype(np.int8)
+            copies = sum(a.shape == w.shape and np.array_equal(a, expected) for a in int8_tensors)
+            assert copies == 1, f"stage{k}.{conv}: {copies} int8 copies of the shared weight"
+    # 4 shared convs per use: 4 stages x 2 convs, each of 4 uses read one of them
+    assert report.notes[0].startswith("32 uses read a shared int8 weight")
+    assert report.tensor_bytes < 0.5 * report.param_bytes, str(report)  # float32 weights: 4 bytes each
+
+
+def test_int8_file_has_per_use_activation_scales(small_int8: tuple) -> None:
+    _, _, int8, _ = small_int8
+    graph = onnx.load(str(int8)).graph
+    init = {t.name for t in graph.initializer}
+    scales = {n.input[1] for n in graph.node if n.op_type == "QuantizeLinear"}
+    # every quantize node of the 4 x 4 uses' conv outputs has a scale of its own: at least 2 per use and stage
+    assert len(scales) >= 2 * 4 * 4
+    assert scales <= init | {o for n in graph.node for o in n.output}
+
+
+def test_int8_per_tensor_weights_cannot_share_and_say_so(small_int8: tuple, tmp_path: Path) -> None:
+    _, fp32, _, _ = small_int8
+    batches = [torch.rand(8, 1, 28, 28) for _ in range(2)]
+    report = reuse.deploy.quantize_onnx(fp32, tmp_path / "pt.onnx", batches, per_channel=False)
+    assert any("cannot share" in note for note in report.notes)
+
+
+# ---------------------------------------------------------------------------------------------- ExecuTorch
+
+
+def test_export_pte_matches_the_model_and_keeps_the_weights_shared(tmp_path: Path) -> None:
+    pytest.importorskip("executorch", reason="export_pte needs ExecuTorch (the release built for this torch)")
+    model = trained(LruNet(width_mult=0.25, reuse=4))
+    report = reuse.deploy.export_pte(model, tmp_path / "m.pte", torch.randn(1, 3, 32, 32))
+    assert report.max_abs_diff is not None and report.max_abs_diff < 1e-4
+    data = (tmp_path / "m.pte").read_bytes()
+    for k, stage in enumerate(model.stages, start=1):
+        for conv in ("dw", "pw"):
+            w = getattr(stage.uses[0], conv).weight.detach()  # XNNPACK may store it in another layout
+            layouts = {t.contiguous().numpy().tobytes() for t in (w, w.permute(0, 2, 3, 1), w.permute(1, 2, 3, 0))}
+            copies = sum(data.count(b) for b in layouts)
+            assert copies == 1, f"stage{k}.{conv}: {copies} copies of the shared weight in the .pte"
+
+
+def test_export_pte_without_executorch_says_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    hide(monkeypatch, "executorch")
+    with pytest.raises(reuse.ReuseError, match="pip install executorch"):
+        reuse.deploy.export_pte(plain_cnn(), tmp_path / "m.pte", torch.randn(1, 3, 12, 12))
