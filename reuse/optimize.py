@@ -21,6 +21,7 @@ from torch import nn
 
 from reuse._checks import check_bool
 from reuse._errors import ReuseError
+from reuse.delta import _LowRank
 from reuse.layer import LayerReuse, _shallow_copy
 
 __all__ = ["ChannelAffine", "optimize_for_inference"]
@@ -33,8 +34,10 @@ def optimize_for_inference(model: nn.Module, *, channels_last: bool = True, shar
     """A copy of ``model`` for inference, with every BatchNorm that follows a convolution folded into it.
 
     Inside each :class:`~reuse.LayerReuse`, use ``i``'s BatchNorm is folded into a conv of its own (one folded
-    weight per use); outside, conv-BN pairs are folded as usual. Pairs are found by tracing with ``torch.fx``
-    (a reused block is traced once, with ``LayerReuse`` kept as a leaf elsewhere). A pair is folded only when
+    weight per use); outside, conv-BN pairs are folded as usual. A LayerReuse with per-use deltas
+    (``delta_rank``) has its deltas merged first: each use's conv then holds its own weight. Pairs are found
+    by tracing with ``torch.fx`` (a reused block is traced once, with ``LayerReuse`` kept as a leaf elsewhere).
+    A pair is folded only when
     the conv is a plain ``nn.Conv1d/2d/3d`` called once, its output feeds only a plain BatchNorm called once;
     anything else is left as it is (a warning names a conv followed by a BatchNorm that was not folded).
 
@@ -69,6 +72,7 @@ def optimize_for_inference(model: nn.Module, *, channels_last: bool = True, shar
     check_bool(share_weights, "share_weights", "optimize_for_inference")
     model = copy.deepcopy(model).eval()
     for layer in [m for m in model.modules() if isinstance(m, LayerReuse)]:
+        _merge_deltas(model, layer)
         _fold_reused(model, layer, share_weights)
     _fold_scope(model, model, "")
     for p in model.parameters():
@@ -218,6 +222,22 @@ def _replace(root: nn.Module, path: str, new: nn.Module) -> None:
             parent._modules[name] = child
         parent = child
     parent._modules[leaf] = new
+
+
+def _merge_deltas(root: nn.Module, layer: LayerReuse) -> None:
+    """Replace each use's low-rank delta wrappers (``delta_rank``) by plain layers holding that use's weight
+    (shared weight plus delta): the uses' weights differ, so each use gets its own conv to fold into."""
+    if not layer.delta_rank:
+        return
+    prefix = next(name for name, m in root.named_modules() if m is layer)
+    prefix = f"{prefix}." if prefix else ""
+    for i in range(layer.n):
+        merged: dict[int, nn.Module] = {}  # one plain layer per wrapper, under each of its names
+        for path, module in list(layer.uses[i].named_modules(remove_duplicate=False)):
+            if isinstance(module, _LowRank):
+                if id(module) not in merged:
+                    merged[id(module)] = module.merged()
+                _replace(root, f"{prefix}uses.{i}.{path}", merged[id(module)])
 
 
 def _fold_reused(root: nn.Module, layer: LayerReuse, share_weights: bool) -> None:
