@@ -176,8 +176,8 @@ class LowRankConv(_LowRank):
         >>> x = torch.randn(1, 8, 5, 5)
         >>> torch.equal(a(x), shared(x))  # B starts at zero: no change until trained
         True
-        >>> sum(p.numel() for p in nn.ModuleList([a, b]).parameters())  # conv once, then 2 x (2*(8+72) + 8)
-        1000
+        >>> sum(p.numel() for p in nn.ModuleList([a, b]).parameters())  # conv once (576 + 8), 2 x (2*(8+72) + 8)
+        920
     """
 
     def __init__(self, base: nn.Module, rank: int) -> None:
