@@ -105,9 +105,9 @@ def repeat_gather(x: Tensor, channels: int, groups: int, swap: bool) -> tuple[Te
 
 
 def _repeat_gather_plain(x: Tensor, channels: int, groups: int, swap: bool) -> tuple[Tensor, Tensor]:
-    """The gather as two ``index_select`` ops on fresh indices: what TorchScript, ``torch.jit.trace`` and
-    ``torch.export`` see. Its indices have C and 2C entries whatever the batch (``torch.gather`` would need an
-    index as large as the input)."""
+    """The gather as one ``index_select`` on fresh indices and a strided slice: what TorchScript,
+    ``torch.jit.trace`` and ``torch.export`` see. Its indices have C and 2C entries whatever the batch
+    (``torch.gather`` would need an index as large as the input)."""
     perm, rep, _ = _build_indices(channels, groups, swap, x.device)  # (C,), (2C,)
     xr = x.index_select(1, rep)  # (B, 2C, H, W)
     return xr, (xr[:, ::2] if groups > 0 else x)  # (B, 2C, H, W), (B, C, H, W)
