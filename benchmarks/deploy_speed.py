@@ -32,7 +32,6 @@ import copy
 import io
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -46,7 +45,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
+from deploy_lrunet import race  # noqa: E402  (one timing loop for the example and the benchmark)
 from lrunet_speed import machine, randomized  # noqa: E402
 from paper_lrunet import naive_from  # noqa: E402
 
@@ -79,20 +80,6 @@ def pte_fn(path: Path, x: torch.Tensor) -> Callable[[], object]:
 
     method = Runtime.get().load_program(path.read_bytes()).load_method("forward")
     return lambda: method.execute([x])
-
-
-def race(fns: dict[str, Callable[[], object]], rounds: int, calls: int) -> dict[str, float]:
-    """Median seconds per call; the functions take turns, a block of ``calls`` timed calls each per round."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            fn()
-            for _ in range(calls):
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
-            time.sleep(0.05)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def export_folded(model: nn.Module, path: Path) -> int:

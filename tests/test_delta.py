@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import io
 import warnings
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -25,13 +24,7 @@ import reuse
 from reuse import LayerReuse, ReuseError
 from reuse.delta import LowRankConv, LowRankLinear, delta_params, full_rank, resolve_rank
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def stack(c: int = 8, n: int = 4, kernel: int = 3, groups: int = 1) -> nn.Sequential:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import io
-from collections.abc import Iterator
 
 import pytest
 import timm
@@ -24,14 +23,7 @@ from reuse import LayerReuse, ReuseError, is_batchnorm
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Small inputs gain nothing from a second thread, and on a shared, loaded CPU its barrier waits cost
-    10x or more (see test_fx_zoo.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def conv_bn(c: int, k: int = 3, groups: int = 1) -> nn.Sequential:
