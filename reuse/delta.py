@@ -174,7 +174,7 @@ class LowRankConv(_LowRank):
         >>> shared = nn.Conv2d(8, 8, 3, padding=1)
         >>> a, b = LowRankConv(shared, rank=2), LowRankConv(shared, rank=2)  # two uses of one conv
         >>> x = torch.randn(1, 8, 5, 5)
-        >>> torch.equal(a(x), shared(x))  # B starts at zero: no change until trained
+        >>> torch.allclose(a(x), shared(x))  # B starts at zero: no change until trained
         True
         >>> sum(p.numel() for p in nn.ModuleList([a, b]).parameters())  # conv once (576 + 8), 2 x (2*(8+72) + 8)
         920

