@@ -35,10 +35,12 @@ __all__ = [
     "convert",
     "find_runs",
     "optimize_for_inference",
+    "calibrate",
     "Profile",
     "profile",
 ]
 
+from reuse.calibration import calibrate
 from reuse.filter import FilterBank, FilterReuseConv2d, filter_reuse
 from reuse.fx import ConversionReport, convert, find_runs
 from reuse.kernel import KernelBank, KernelReuseConv2d, kernel_reuse

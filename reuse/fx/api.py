@@ -9,10 +9,14 @@ from typing import Any
 from torch import Tensor, nn
 
 from reuse._checks import check_bool, check_bools
+from reuse._data import CalibrationData, take_batches
 from reuse._errors import ReuseError
+from reuse.calibration import reestimate, running_stat_modules
 from reuse.delta import DeltaRank, check_rank
 from reuse.filter import FilterReuseConv2d, filter_reuse
+from reuse.fx.budget import choose
 from reuse.fx.find import _Found, _Options, _Planner
+from reuse.fx.fit import ALIGNS, align_blocks, owned_copies, run_inputs
 from reuse.fx.report import ConversionReport, Run
 from reuse.fx.structure import _count
 from reuse.fx.swap import _build, _copy, _swap_in_graph, _swap_in_sequential
@@ -20,7 +24,7 @@ from reuse.kernel import KernelReuseConv2d, kernel_reuse
 from reuse.layer import LayerReuse, PerUse, _per_use_predicate
 
 _LEVELS = ("layer", "filter", "kernel")
-_INITS = ("first", "mean")
+_INITS = ("first", "mean", "fit")
 _BANK_DEFAULT = 0.5  # convert(level="filter"|"kernel"): banks of half the entries they replace
 
 
@@ -75,7 +79,7 @@ def _options(
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
         raise ReuseError(f"convert: groups must be a positive int (the channel shuffle's groups), got {groups!r}")
     if init not in _INITS:
-        raise ReuseError(f"convert: init must be 'first' or 'mean', got {init!r}")
+        raise ReuseError(f"convert: init must be 'first', 'mean' or 'fit' (fitted to calibration data), got {init!r}")
     try:
         _per_use_predicate(per_use)  # type: ignore[arg-type]
     except ReuseError as err:
@@ -107,6 +111,50 @@ def _options(
         frozenset(leaf_paths),
         example_inputs,  # type: ignore[arg-type]
     )
+
+
+def _data_options(
+    data: object, images: object, align: object, init: str, shuffle: bool, budget: object, level: str
+) -> tuple[list[Tensor] | None, str | None]:
+    """The calibration batches (None without data) and the alignment to use; ReuseError for options that need
+    data they lack or that contradict it."""
+    if align is not None and align not in ALIGNS:
+        raise ReuseError(f"convert: align must be None, 'weights' or 'activations', got {align!r}")
+    if budget is not None and (
+        isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.0 < budget <= 1.0
+    ):
+        raise ReuseError(f"convert: budget must be a fraction of the model's parameters in (0, 1], got {budget!r}")
+    if data is None:
+        for name, value in (("init='fit'", init == "fit"), ("align='activations'", align == "activations")):
+            if value:
+                raise ReuseError(f"convert: {name} needs calibration inputs; pass data=<a tensor or a DataLoader>")
+        if budget is not None:
+            raise ReuseError("convert: budget measures each choice on calibration inputs; pass data=<inputs>")
+        return None, align
+    if level != "layer":
+        raise ReuseError(f"convert: data calibrates reused blocks; it takes level='layer', got {level!r}")
+    if shuffle and (init == "fit" or align):
+        raise ReuseError(
+            "convert: a shuffle between uses changes what a trained network computes, so its blocks cannot be "
+            "aligned or fitted to it; pass shuffle=False (the default with data)"
+        )
+    return take_batches(data, images, "convert"), (align or "activations")
+
+
+def _prepare(
+    model: nn.Module, todo: list[_Found], batches: list[Tensor] | None, align: str | None
+) -> dict[int, tuple[list[nn.Module], list[Tensor] | None, dict]]:
+    """For each run: its blocks as they will be tied (aligned copies when ``align``, else the blocks) and the
+    batches its first block receives (None without data)."""
+    inputs = run_inputs(model, [f.modules[0] for f in todo], batches) if batches else [None] * len(todo)
+    out = {}
+    for f, xs in zip(todo, inputs):
+        blocks = f.units
+        if align:
+            blocks = owned_copies(f.units)
+            f.run.aligned = align_blocks(blocks, align, xs)
+        out[id(f)] = (blocks, xs, {})  # the last: input moments of the fit, kept between builds
+    return out
 
 
 def _check_model(model: object) -> None:
@@ -175,9 +223,9 @@ def convert(
     model: nn.Module,
     *,
     min_run: int = 2,
-    shuffle: bool = True,
+    shuffle: bool | None = None,
     groups: int = 2,
-    init: str = "first",
+    init: str | None = None,
     leaf_modules: Iterable[type[nn.Module] | str] = (),
     inplace: bool = False,
     level: str = "layer",
@@ -187,6 +235,11 @@ def convert(
     bank_size: int | float | None | _Default = _DEFAULT,
     mode: str = "index",
     delta_rank: DeltaRank = 0,
+    data: CalibrationData | None = None,
+    images: int = 2000,
+    align: str | None = None,
+    budget: float | None = None,
+    calibrate: bool = True,
 ) -> nn.Module | tuple[nn.Module, ConversionReport]:
     """Replace each run of same-structure stacked blocks in ``model`` by one reused block.
 
@@ -200,9 +253,12 @@ def convert(
         min_run: fewest blocks in a run worth converting (at least 2).
         shuffle: the paper's channel shuffle between uses, where the channels allow it (a 4-D input whose
             dim 1 a convolution reads as channels, divisible by ``groups`` and even); other runs are
-            converted without shuffle and the report says why.
+            converted without shuffle and the report says why. By default True, but False when ``data`` is
+            given (a trained network's blocks had no shuffle between them).
         groups: groups of the shuffle.
-        init: shared weights from the ``"first"`` block of each run or the ``"mean"`` of its blocks.
+        init: shared weights from the ``"first"`` block of each run, the ``"mean"`` of its blocks, or ``"fit"``:
+            fitted in closed form, with each use's delta, to reproduce what every block computed on ``data``
+            (see :mod:`reuse.fx.fit`). By default ``"fit"`` when ``data`` is given, else ``"first"``.
         leaf_modules: module classes or qualified names that tracing must not enter (for code FX cannot trace).
         inplace: convert ``model`` itself instead of a deep copy.
         level: grain of reuse: ``"layer"`` (runs of whole blocks, the default), ``"filter"`` or ``"kernel"``
@@ -224,6 +280,20 @@ def convert(
             full rank) or 0 (plain reuse, the default). At full rank (``1.0``) the converted model computes what
             the model handed in computes, whatever its blocks' weights; the report gives each run's parameters
             in the deltas.
+        data: unlabeled calibration inputs of a trained network (a tensor ``(N, C, H, W)`` or an iterable of
+            batches, as for :func:`reuse.calibrate`): used to align the blocks' hidden channels, to fit the shared
+            weights (``init="fit"``) and, after conversion, to re-estimate every running statistic (each use's
+            BatchNorm measures what it now sees). No gradient step is taken.
+        images: how many inputs of ``data`` to read, at most.
+        align: put each block's hidden channels (found from its graph: see :mod:`reuse.align`) in the order of
+            the run's first block before tying: ``"weights"`` (weight matching, no data) or ``"activations"``
+            (correlation on ``data``); None (the default) is ``"activations"`` with ``data``, no alignment
+            without. A permutation of hidden channels never changes what a block computes.
+        budget: with ``data``: the fraction of the model's parameters the result may keep, in (0, 1]; each run is
+            tied, with a delta rank, or left as it is, as measured on ``data`` (see :mod:`reuse.fx.budget`);
+            the report gives each run's choice and its measured cost.
+        calibrate: with ``data``: re-estimate the running statistics of the converted model on it (see
+            :func:`reuse.calibrate`); False leaves each use with its block's statistics.
 
     Returns:
         The converted model, with the report as its ``reuse_report`` attribute; ``(model, report)`` when
@@ -250,8 +320,13 @@ def convert(
         >>> type(net.layer3[1]).__name__  # the model handed in is unchanged
         'BasicBlock'
     """
+    if shuffle is None:
+        shuffle = data is None
+    if init is None:
+        init = "first" if data is None else "fit"
     opts = _options(min_run, shuffle, groups, init, per_use, leaf_modules, example_inputs, level)
-    check_bools("convert", inplace=inplace, report=report)
+    check_bools("convert", inplace=inplace, report=report, calibrate=calibrate)
+    batches, align = _data_options(data, images, align, init, shuffle, budget, level)
     opts.delta_rank = check_rank(delta_rank, "convert")
     if delta_rank and level != "layer":
         raise ReuseError(
@@ -269,10 +344,20 @@ def convert(
         )
     planner, found, notes = _plan(model, opts)  # reads the model, writes nothing
     todo = [f for f in found if not f.run.skipped]
+    prepared = _prepare(model, todo, batches, align)  # aligned copies of the blocks and their inputs
+    if budget is not None:
+        ranks = choose(model, todo, prepared, opts, batches, budget, notes)
+        for f in todo:
+            if ranks[id(f)] is None:
+                f.run.skipped = f"left as it is to fit budget={budget} (cost {f.run.cost:.4f} if tied)"
+            else:
+                f.run.rank = ranks[id(f)]
+        todo = [f for f in todo if not f.run.skipped]
     lrs = {}
     for f in todo:  # LayerReuse.from_blocks copies what it takes from the blocks
         try:
-            lrs[id(f)] = _build(f, opts)
+            blocks, inputs, cache = prepared[id(f)]
+            lrs[id(f)] = _build(f, opts, blocks, inputs, f.run.rank if budget is not None else None, cache)
         except ReuseError as err:  # a run the planner accepted but LayerReuse refuses: skip it, say why
             f.run.skipped = f"LayerReuse refused the blocks: {err}"
     todo = [f for f in todo if id(f) in lrs]
@@ -294,6 +379,9 @@ def convert(
                 f"{what} is now a torch.fx.GraphModule: its forward calls the blocks itself "
                 "(not as an nn.Sequential), so its traced forward was rewritten"
             )
+    if batches is not None and calibrate and running_stat_modules(work):
+        reestimate(work, batches)
+        notes.append(f"running statistics re-estimated on {sum(len(b) for b in batches)} calibration input(s)")
     rep = ConversionReport(
         model=type(model).__name__,
         runs=[f.run for f in found],
@@ -309,6 +397,9 @@ def convert(
             per_use=per_use,
             level=level,
             delta_rank=delta_rank,
+            align=align,
+            budget=budget,
+            images=sum(len(b) for b in batches) if batches is not None else 0,
         ),  # fmt: skip
     )
     work.reuse_report = rep

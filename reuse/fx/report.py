@@ -30,6 +30,10 @@ class Run:
     via: str = ""  # "sequential" (swapped in its nn.Sequential) or "graph" (owner traced into a GraphModule)
     owner: str = ""  # the module whose forward calls the blocks ("" is the model itself)
     period: int = 1  # modules per block; a block of several is reused as an nn.Sequential of them
+    rank: int | float = 0  # the delta rank of this run (convert's delta_rank, or the one a budget chose)
+    aligned: int = 0  # groups of hidden channels aligned per block before tying (convert's align)
+    fitted: int = 0  # shared layers fitted to the calibration data (init="fit")
+    cost: float | None = None  # with a budget: the measured cost of this run's choice alone (see reuse.fx.budget)
 
     @property
     def path(self) -> str:
@@ -82,7 +86,7 @@ class ConversionReport:
         pct = 100.0 * saved / self.params_before if self.params_before else 0.0
         lines = [
             f"{self.model}: {len(self.converted)} run(s) converted, {len(self.skipped)} skipped; "
-            f"parameters {self.params_before:,} -> {self.params_after:,} (-{pct:.1f}%)"
+            f"parameters {self.params_before:,} -> {self.params_after:,} ({-pct:+.1f}%)"
         ]
         if self.runs:
             rows = [("run", "k", "block", "input", "shuffle", "params", "status")]

@@ -9,18 +9,29 @@ import torch
 from torch import fx, nn
 
 from reuse._errors import ReuseError
-from reuse.delta import init_from_blocks
+from reuse.delta import DeltaRank, init_from_blocks
 from reuse.fx.find import _Found, _Options, _Planner
+from reuse.fx.fit import fit_layers
 from reuse.fx.report import Run
 from reuse.fx.trace import _Tracer
 from reuse.layer import LayerReuse
 
 
-def _build(found: _Found, opts: _Options) -> LayerReuse:
-    """The LayerReuse of a run: shared weights from the first block (or the mean), use ``i``'s per-use modules
-    from block ``i``, and with ``opts.delta_rank`` each use's deltas from the SVD of block ``i`` minus the shared
-    weights."""
-    run, blocks = found.run, found.units
+def _build(
+    found: _Found,
+    opts: _Options,
+    blocks: list[nn.Module] | None = None,
+    inputs: list[torch.Tensor] | None = None,
+    rank: DeltaRank | None = None,
+    cache: dict | None = None,
+) -> LayerReuse:
+    """The LayerReuse of a run: shared weights from the first block (or the mean, or fitted on ``inputs`` with
+    ``init="fit"``), use ``i``'s per-use modules from block ``i``, and with a delta rank (``rank``, else
+    ``opts.delta_rank``) each use's deltas from the SVD of block ``i`` minus the shared weights (weighted by
+    block ``i``'s inputs when fitted). ``blocks``: the run's blocks as they should be tied (aligned copies)."""
+    run = found.run
+    blocks = found.units if blocks is None else blocks
+    rank = opts.delta_rank if rank is None else rank
     lr = LayerReuse.from_blocks(blocks, shuffle=run.shuffle, groups=opts.groups, per_use=found.rule)
     lr.training = found.modules[0].training
     if opts.init == "mean":
@@ -31,14 +42,19 @@ def _build(found: _Found, opts: _Options) -> LayerReuse:
                 if name in params and params[name].is_floating_point():
                     # in float64: the mean of k equal tensors is then exactly that tensor
                     params[name].copy_(torch.stack([s[name].double() for s in sources]).mean(0))
-    if opts.delta_rank:
-        lr._add_deltas(opts.delta_rank)
+    paths = lr._shared_layer_paths()
+    run.params_deltas, run.rank = 0, rank
+    if rank:
+        lr._add_deltas(rank)
         for i, block in enumerate(blocks):
             init_from_blocks(lr.deltas(i), block)
         for m in lr.modules():
             m.training = lr.training
         run.params_deltas = sum(p.numel() for i in range(lr.n) for d in lr.deltas(i).values() for p in _own(d))
-        run.params_after = sum(p.numel() for p in lr.parameters())
+    if opts.init == "fit" and inputs is not None:
+        fitted = fit_layers(lr.uses, paths, blocks, inputs, cache)
+        run.fitted = len(fitted)
+    run.params_after = sum(p.numel() for p in lr.parameters())
     return lr
 
 

@@ -1,0 +1,165 @@
+"""Choosing, under a parameter budget, which runs to tie and with which delta rank (``convert(budget=...)``).
+
+Each run's options are: left as it is, or tied with a delta rank from :data:`RANKS` (capped at the layers' full
+rank). The cost of an option is measured, not guessed: the run alone is tied that way (every other run as it
+is), the running statistics are re-estimated on the calibration inputs, and the cost is the mean KL divergence
+of the network's output from the original network's on those inputs (unlabeled: the original network is the
+reference). Costs of different runs are taken to add up, and the cheapest combination whose parameters fit the
+budget is chosen: exhaustively when the combinations are few, else greedily (from every run at its smallest,
+the upgrade that buys the most cost per parameter first).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from reuse._data import model_device
+from reuse.calibration import reestimate
+from reuse.delta import full_rank
+from reuse.fx.find import _Found, _Options
+from reuse.fx.swap import _build
+
+__all__ = ["RANKS", "choose", "output_cost"]
+
+RANKS = (0, 1, 2, 4, 8, 16, 32)  # the delta ranks a budget chooses from
+_EXHAUSTIVE = 200_000  # most combinations searched exhaustively
+
+
+@torch.no_grad()
+def output_cost(model: nn.Module, batches: Sequence[Tensor], reference: Sequence[Tensor]) -> float:
+    """Mean KL divergence ``KL(softmax(reference) || softmax(model))`` per input over ``batches`` (eval mode);
+    outputs that are not ``(B, classes)`` logits are compared by mean squared error instead."""
+    device = model_device(model)
+    modes = [(m, m.training) for m in model.modules()]
+    total, count = 0.0, 0
+    try:
+        model.eval()
+        for x, ref in zip(batches, reference):
+            out = model(x.to(device)).double()  # (B, classes)
+            ref = ref.double()
+            if out.dim() == 2:
+                total += float(F.kl_div(out.log_softmax(1), ref.log_softmax(1), log_target=True, reduction="sum"))
+            else:
+                total += float(((out - ref) ** 2).flatten(1).mean(1).sum())
+            count += x.shape[0]
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    return total / count
+
+
+def choose(
+    model: nn.Module,
+    todo: list[_Found],
+    prepared: dict[int, tuple[list[nn.Module], list[Tensor] | None, dict]],
+    opts: _Options,
+    batches: list[Tensor],
+    budget: float,
+    notes: list[str],
+) -> dict[int, int | None]:
+    """The delta rank of each run (None: left as it is) so that the model keeps at most ``budget`` of its
+    parameters at the least measured cost; each run's ``cost`` is set to its chosen option's cost."""
+    total = sum(p.numel() for p in model.parameters())
+    limit = budget * total
+    reference = _outputs(model, batches)
+    options: dict[int, list[tuple[int | None, int, float]]] = {}  # run -> [(rank, params saved, cost)]
+    for f in todo:
+        blocks, inputs, cache = prepared[id(f)]
+        rows: list[tuple[int | None, int, float]] = [(None, 0, 0.0)]
+        for rank in _ranks(blocks[0]):
+            lr = _build(f, opts, blocks, inputs, rank, cache)
+            cost = output_cost(_tied(model, f, lr, batches), batches, reference)
+            rows.append((rank, f.run.params_before - f.run.params_after, cost))
+        options[id(f)] = rows
+    picks = _pick([options[id(f)] for f in todo], total - limit)
+    if picks is None:  # even every run at its smallest does not fit: take the smallest
+        picks = [max(rows, key=lambda r: r[1]) for rows in (options[id(f)] for f in todo)]
+        saved = sum(p[1] for p in picks)
+        notes.append(
+            f"budget={budget} cannot be met by tying runs: the smallest conversion keeps "
+            f"{(total - saved) / total:.3f} of the parameters; that one was taken"
+        )
+    for f, (rank, _, cost) in zip(todo, picks):
+        f.run.cost = cost
+    notes.append(
+        "budget: " + "; ".join(
+            f"{f.run.path}: " + ", ".join(f"{'as is' if r is None else f'rank {r}'} -{s:,} cost {c:.4f}"
+                                          for r, s, c in options[id(f)])
+            for f in todo
+        )
+    )  # fmt: skip
+    return {id(f): p[0] for f, p in zip(todo, picks)}
+
+
+def _ranks(block: nn.Module) -> list[int]:
+    """The ranks worth trying on a block: :data:`RANKS` up to the largest full rank of its convs and linears."""
+    fulls = [full_rank(m) for m in block.modules() if type(m) in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)]
+    top = max(fulls, default=0)
+    return [r for r in RANKS if r <= top] or [0]
+
+
+def _outputs(model: nn.Module, batches: Sequence[Tensor]) -> list[Tensor]:
+    device = model_device(model)
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            return [model(x.to(device)).detach() for x in batches]
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def _tied(model: nn.Module, found: _Found, lr: nn.Module, batches: list[Tensor]) -> nn.Module:
+    """A copy of ``model`` computing with ``lr`` in place of the run (the run's first module calls ``lr``, its
+    others pass their input on), its running statistics re-estimated on ``batches``."""
+    names = {id(m): n for n, m in model.named_modules()}
+    paths = [names[id(m)] for m in found.modules]
+    twin = copy.deepcopy(model)
+    first = twin.get_submodule(paths[0])
+    first.forward = lr.forward  # type: ignore[method-assign]
+    first.add_module("_reuse_tied", lr)  # so that copies, devices and reestimate see lr's BatchNorms
+    for p in paths[1:]:
+        twin.get_submodule(p).forward = _identity  # type: ignore[method-assign]
+    with warnings.catch_warnings():  # the run's own blocks are bypassed: their norms see nothing, as meant
+        warnings.simplefilter("ignore")
+        reestimate(twin, batches)
+    return twin
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+def _pick(per_run: list[list[tuple[int | None, int, float]]], need: float) -> list[tuple] | None:
+    """One option per run saving at least ``need`` parameters at the least total cost, or None if none does."""
+    if sum(max(r[1] for r in rows) for rows in per_run) < need:
+        return None
+    if math.prod(len(rows) for rows in per_run) <= _EXHAUSTIVE:
+        best, best_cost = None, math.inf
+        for combo in itertools.product(*per_run):
+            if sum(c[1] for c in combo) >= need:
+                cost = sum(c[2] for c in combo)
+                if cost < best_cost:
+                    best, best_cost = list(combo), cost
+        return best
+    picks = [min(rows, key=lambda r: (r[2], -r[1])) for rows in per_run]  # the cheapest of each: then shrink
+    while sum(p[1] for p in picks) < need:
+        steps = [
+            ((o[2] - p[2]) / (o[1] - p[1]), i, o)
+            for i, (p, rows) in enumerate(zip(picks, per_run))
+            for o in rows
+            if o[1] > p[1]
+        ]
+        _, i, o = min(steps, key=lambda s: s[0])
+        picks[i] = o
+    return picks

@@ -1,0 +1,243 @@
+"""Data-aware conversion of a trained network: the inputs each run sees, its blocks' hidden channels aligned, and
+its shared weights and per-use deltas fitted to what the blocks computed, in closed form (no gradient step).
+
+For a shared layer used by blocks ``1..k``, block ``i`` computed ``W_i x`` on its own inputs ``x``; with ``C_i``
+the second moment of those inputs (im2col rows for a conv), the tied layer's error over the calibration data is
+``sum_i tr((W + D_i - W_i) C_i (W + D_i - W_i)^T)``. The shared ``W`` minimising it for given deltas is
+``(sum_i (W_i - D_i) C_i) (sum_i C_i)^-1``; the best rank-``r`` ``D_i`` for a given ``W`` is the truncated SVD of
+``(W_i - W) C_i^(1/2)``, mapped back by ``C_i^(-1/2)`` (an activation-weighted SVD). The two are alternated a
+few times. Every other tensor (each use's BatchNorm) is the block's own; :func:`reuse.calibrate` then
+re-estimates the running statistics of the network as converted.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from reuse._data import model_device
+from reuse.align import ChannelGroup, activation_similarity, assignment, hidden_groups, match_weights, permute_group
+from reuse.delta import _LowRank
+
+__all__ = ["ALIGNS", "align_blocks", "fit_layers", "fittable", "owned_copies", "run_inputs"]
+
+ALIGNS = ("weights", "activations")
+_ROUNDS = 4  # alternations of the shared weight and the deltas
+_RIDGE = 1e-5  # of the mean eigenvalue: keeps C invertible where the calibration data span too little
+
+
+@torch.no_grad()
+def run_inputs(model: nn.Module, firsts: Sequence[nn.Module], batches: Sequence[Tensor]) -> list[list[Tensor] | None]:
+    """What each run's first block receives when ``model`` runs on ``batches`` in eval mode: one list of batches
+    per run, or None for a run whose first block was not called exactly once a batch."""
+    seen: list[list[Tensor]] = [[] for _ in firsts]
+    hooks = [
+        m.register_forward_pre_hook(lambda _m, args, i=i: seen[i].append(args[0].detach()))
+        for i, m in enumerate(firsts)
+    ]
+    modes = [(m, m.training) for m in model.modules()]
+    device = model_device(model)
+    try:
+        model.eval()
+        for x in batches:
+            model(x.to(device))
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, mode in modes:
+            m.training = mode
+    return [s if len(s) == len(batches) else None for s in seen]
+
+
+def align_blocks(blocks: Sequence[nn.Module], how: str, inputs: Sequence[Tensor] | None) -> int:
+    """Permute the hidden channels of ``blocks`` (copies the caller owns) in place so that they match: by
+    ``"weights"`` (no data) or by the correlation of their ``"activations"`` on ``inputs`` (the first block's
+    input batches; each block is fed the one before's output). Returns the number of groups aligned per block."""
+    groups = hidden_groups(blocks[0])
+    if not groups or len(blocks) < 2:
+        return 0
+    if how == "weights" or inputs is None:
+        match_weights(blocks, groups)
+        return len(groups)
+    moments = _hidden_moments(blocks, groups, inputs)
+    for i in range(1, len(blocks)):
+        for g, m in zip(groups, moments):
+            cross, mean, var = m["cross"][i], m["mean"], m["var"]
+            perm = assignment(activation_similarity(cross, mean[i], mean[0], var[i], var[0]))  # (C,)
+            permute_group(blocks[i], g, perm)
+    return len(groups)
+
+
+@torch.no_grad()
+def _hidden_moments(blocks: Sequence[nn.Module], groups: Sequence[ChannelGroup], inputs: Sequence[Tensor]) -> list:
+    """For each group: per block the mean and variance of each hidden channel and its cross moment with block 0's,
+    over every position of every batch (blocks chained as in the network)."""
+    k = len(blocks)
+    acc = [dict(cross=[0.0] * k, s=[0.0] * k, s2=[0.0] * k, n=0) for _ in groups]
+    hidden: list[list[Tensor | None]] = [[None] * k for _ in groups]
+    hooks = []
+    for i, block in enumerate(blocks):
+        for j, g in enumerate(groups):
+            consumer = block.get_submodule(g.consumers[0])
+            hooks.append(consumer.register_forward_pre_hook(lambda _m, a, i=i, j=j: hidden[j].__setitem__(i, a[0])))
+    modes = [(m, m.training) for b in blocks for m in b.modules()]
+    try:
+        for b in blocks:
+            b.eval()
+        for x in inputs:
+            for b in blocks:
+                x = b(x)
+            for j, g in enumerate(groups):
+                rows = [_rows(h, g.layout) for h in hidden[j]]  # k x (samples, C)
+                a = acc[j]
+                a["n"] += rows[0].shape[0]
+                for i in range(k):
+                    a["cross"][i] = a["cross"][i] + rows[i].T @ rows[0]  # (C, C)
+                    a["s"][i] = a["s"][i] + rows[i].sum(0)
+                    a["s2"][i] = a["s2"][i] + (rows[i] ** 2).sum(0)
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, mode in modes:
+            m.training = mode
+    out = []
+    for a in acc:
+        n = a["n"]
+        mean = [s / n for s in a["s"]]
+        var = [s2 / n - mu**2 for s2, mu in zip(a["s2"], mean)]
+        out.append(dict(cross=[c / n for c in a["cross"]], mean=mean, var=var))
+    return out
+
+
+def _rows(h: Tensor, layout: str) -> Tensor:
+    """Hidden activations as rows of channels, in float64: ``(B, C, ...)`` or ``(..., C)`` -> ``(samples, C)``."""
+    if layout == "conv":
+        h = h.transpose(0, 1).reshape(h.shape[1], -1).T  # (B*H*W, C)
+    else:
+        h = h.reshape(-1, h.shape[-1])  # (samples, C)
+    return h.double()
+
+
+# ---------------------------------------------------------------------------------------------- fitting
+
+
+def fittable(layer: nn.Module) -> bool:
+    """Layers whose inputs the fit can read: ``nn.Linear`` and ``nn.Conv2d`` with zero padding."""
+    return type(layer) is nn.Linear or (type(layer) is nn.Conv2d and layer.padding_mode == "zeros")
+
+
+@torch.no_grad()
+def fit_layers(
+    uses: Sequence[nn.Module],
+    paths: Sequence[str],
+    blocks: Sequence[nn.Module],
+    inputs: Sequence[Tensor],
+    cache: dict | None = None,
+) -> list[str]:
+    """Fit the shared layer at each of ``paths`` (and each use's delta, where the use has one) to what block ``i``
+    computed there on the calibration inputs; ``uses`` are the LayerReuse's uses, ``blocks`` the (aligned)
+    original blocks, ``inputs`` the first block's input batches; ``cache`` keeps the input moments between calls
+    on the same blocks. Layers :func:`fittable` refuses keep their initial weights. Returns the paths fitted."""
+    paths = [p for p in paths if fittable(blocks[0].get_submodule(p))]
+    if not paths:
+        return []
+    cache = {} if cache is None else cache
+    missing = [p for p in paths if p not in cache]
+    if missing:
+        cache.update(_input_moments(blocks, missing, inputs))
+    moments = cache
+    for p in paths:
+        targets = [b.get_submodule(p) for b in blocks]
+        views = [u.get_submodule(p) for u in uses]
+        deltas = [v if isinstance(v, _LowRank) else None for v in views]
+        shared = deltas[0].base if deltas[0] is not None else views[0]
+        _fit_one(shared, deltas, targets, moments[p])
+    return paths
+
+
+@torch.no_grad()
+def _input_moments(blocks: Sequence[nn.Module], paths: Sequence[str], inputs: Sequence[Tensor]) -> dict:
+    """``{path: [C_i per block]}``: the second moment ``(g, D, D)`` of each layer's input rows (per group)."""
+    k = len(blocks)
+    out: dict[str, list] = {p: [0.0] * k for p in paths}
+    hooks = []
+    for i, block in enumerate(blocks):
+        for p in paths:
+            layer = block.get_submodule(p)
+
+            def grab(m: nn.Module, args: tuple, i: int = i, p: str = p) -> None:
+                rows = _layer_rows(m, args[0])  # (g, samples, D)
+                out[p][i] = out[p][i] + rows.transpose(1, 2) @ rows  # (g, D, D)
+
+            hooks.append(layer.register_forward_pre_hook(grab))
+    modes = [(m, m.training) for b in blocks for m in b.modules()]
+    try:
+        for b in blocks:
+            b.eval()
+        for x in inputs:
+            for b in blocks:
+                x = b(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, mode in modes:
+            m.training = mode
+    return out
+
+
+def _layer_rows(layer: nn.Module, x: Tensor) -> Tensor:
+    """The rows a layer multiplies by its weight, per group, in float64: ``(g, samples, D)``."""
+    if isinstance(layer, nn.Linear):
+        return x.reshape(1, -1, x.shape[-1]).double()  # (1, samples, in)
+    cols = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)  # (B, C*kh*kw, L)
+    g = layer.groups
+    cols = cols.reshape(x.shape[0], g, -1, cols.shape[-1])  # (B, g, C/g*kh*kw, L)
+    return cols.permute(1, 0, 3, 2).reshape(g, -1, cols.shape[2]).double()  # (g, B*L, D)
+
+
+def _fit_one(shared: nn.Module, deltas: list[_LowRank | None], targets: list[nn.Module], covs: list[Tensor]) -> None:
+    """Solve for the shared weight and the deltas of one layer (see the module docstring)."""
+    g = covs[0].shape[0]
+    ws = [t.weight.detach().double().reshape(g, -1, covs[0].shape[-1]) for t in targets]  # k x (g, rows, D)
+    covs = [_ridged(c) for c in covs]
+    total = torch.stack(covs).sum(0)  # (g, D, D)
+    ds = [torch.zeros_like(w) for w in ws]
+    rounds = _ROUNDS if any(d is not None for d in deltas) else 1
+    for _ in range(rounds):
+        rhs = sum((w - d) @ c for w, d, c in zip(ws, ds, covs))  # (g, rows, D)
+        shared_w = torch.linalg.solve(total, rhs.transpose(1, 2)).transpose(1, 2)  # (g, rows, D); C symmetric
+        ds = [
+            _weighted_low_rank(w - shared_w, c, d.rank) if d is not None else torch.zeros_like(w)
+            for w, c, d in zip(ws, covs, deltas)
+        ]
+    shared.weight.copy_(shared_w.reshape(shared.weight.shape).to(shared.weight.dtype))
+    if shared.bias is not None:
+        shared.bias.copy_(torch.stack([t.bias.detach() for t in targets]).mean(0))
+    for d, diff, t in zip(deltas, ds, targets):
+        if d is not None:
+            bias = t.bias.detach() - shared.bias if (shared.bias is not None and t.bias is not None) else None
+            d.set_delta(diff.reshape(shared.weight.shape), bias)  # exact: diff is of rank d.rank already
+
+
+def _ridged(c: Tensor) -> Tensor:
+    d = c.shape[-1]
+    scale = torch.diagonal(c, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)  # (g,)
+    return c + _RIDGE * scale[:, None, None] * torch.eye(d, dtype=c.dtype)
+
+
+def _weighted_low_rank(diff: Tensor, cov: Tensor, rank: int) -> Tensor:
+    """The rank-``rank`` matrix ``D`` minimising ``tr((diff - D) cov (diff - D)^T)``, per group."""
+    vals, vecs = torch.linalg.eigh(cov)  # (g, D), (g, D, D)
+    root = vals.clamp_min(vals[:, -1:] * 1e-12).sqrt()  # (g, D)
+    u, s, vh = torch.linalg.svd(diff @ (vecs * root[:, None, :]), full_matrices=False)  # diff C^(1/2) in the eigenbasis
+    low = (u[:, :, :rank] * s[:, None, :rank]) @ vh[:, :rank]  # (g, rows, D)
+    return (low / root[:, None, :]) @ vecs.transpose(1, 2)  # back: times C^(-1/2)
+
+
+def owned_copies(units: Sequence[nn.Module]) -> list[nn.Module]:
+    """Deep copies of a run's blocks, to align without touching the model handed in."""
+    return [copy.deepcopy(u) for u in units]
