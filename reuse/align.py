@@ -218,7 +218,7 @@ def permute_group(block: nn.Module, group: ChannelGroup, perm: Tensor) -> None:
         )
     for path in (group.producer, *group.followers):
         m = block.get_submodule(path)
-        for name, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]:
+        for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]:
             if t is not None and t.dim() >= 1 and t.shape[0] == group.channels:
                 t.copy_(t[perm.to(t.device)])
     for path in group.consumers:
@@ -303,7 +303,8 @@ def activation_similarity(cross: Tensor, mean_a: Tensor, mean_r: Tensor, var_a: 
     Example:
         >>> a = torch.randn(1000, 3, dtype=torch.float64)
         >>> r = a[:, [2, 0, 1]]  # the same features, in another order
-        >>> c = activation_similarity(a.T @ r / 1000, a.mean(0), r.mean(0), a.var(0, correction=0), r.var(0, correction=0))
+        >>> va, vr = a.var(0, correction=0), r.var(0, correction=0)
+        >>> c = activation_similarity(a.T @ r / 1000, a.mean(0), r.mean(0), va, vr)
         >>> assignment(c).tolist()
         [2, 0, 1]
     """

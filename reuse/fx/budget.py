@@ -88,7 +88,7 @@ def choose(
             f"budget={budget} cannot be met by tying runs: the smallest conversion keeps "
             f"{(total - saved) / total:.3f} of the parameters; that one was taken"
         )
-    for f, (rank, _, cost) in zip(todo, picks):
+    for f, (_, _, cost) in zip(todo, picks):
         f.run.cost = cost
     notes.append(
         "budget: " + "; ".join(
