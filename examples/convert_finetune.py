@@ -85,21 +85,24 @@ def resnet(width: int, blocks: int, classes: int = 10, in_chans: int = 1) -> nn.
 
 @dataclass
 class Data:
-    train_x: Tensor  # (N, 1, 28, 28) uint8
+    train_x: Tensor  # (N, C, H, W) uint8
     train_y: Tensor  # (N,)
     test_x: Tensor
     test_y: Tensor
 
 
 def load_data(folder: Path, train_images: int | None, seed: int = 0) -> Data:
-    """Fashion-MNIST from ``train.npz``/``test.npz``; ``train_images``: a fixed, class-balanced subset."""
+    """Images from ``train.npz``/``test.npz`` (Fashion-MNIST, or the CIFAR-10 copy); ``train_images``: a fixed,
+    class-balanced subset."""
     arrays = {}
     for split in ("train", "test"):
         path = folder / f"{split}.npz"
         if not path.is_file():
             raise SystemExit(f"convert_finetune.py: error: no {path}; pass --data-dir with train.npz and test.npz")
         with np.load(path, allow_pickle=False) as f:
-            arrays[split] = (torch.from_numpy(f["images"]).unsqueeze(1), torch.from_numpy(f["labels"]))
+            images = torch.from_numpy(f["images"])  # (N, H, W) grey or (N, H, W, 3) colour, uint8
+            images = images.unsqueeze(1) if images.dim() == 3 else images.permute(0, 3, 1, 2).contiguous()
+            arrays[split] = (images, torch.from_numpy(f["labels"]))
     x, y = arrays["train"]
     if train_images is not None and train_images < len(y):
         g = torch.Generator().manual_seed(seed)
@@ -114,15 +117,15 @@ def load_data(folder: Path, train_images: int | None, seed: int = 0) -> Data:
 
 
 def to_float(x: Tensor) -> Tensor:
-    return x.float().div_(255.0)  # (B, 1, 28, 28) in [0, 1]
+    return x.float().div_(255.0)  # (B, C, H, W) in [0, 1]
 
 
 def augment(x: Tensor, g: torch.Generator) -> Tensor:
     """Random crop with 2 pixels of padding and a horizontal flip, on a uint8 batch."""
-    b = x.shape[0]
-    padded = F.pad(x, (2, 2, 2, 2))  # (B, 1, 32, 32)
+    b, _, h, w = x.shape
+    padded = F.pad(x, (2, 2, 2, 2))  # (B, C, H + 4, W + 4)
     i, j = torch.randint(0, 5, (2,), generator=g).tolist()
-    x = padded[:, :, i : i + 28, j : j + 28]
+    x = padded[:, :, i : i + h, j : j + w]
     flip = torch.rand(b, generator=g) < 0.5
     return torch.where(flip[:, None, None, None], x.flip(3), x)
 
