@@ -345,17 +345,23 @@ def check_options(cfg: Config) -> None:
 
 
 def apply_recipe(cfg: Config, given: set[str]) -> Config:
-    """``cfg`` with the defaults of ``cfg.recipe`` for the options not in ``given``. A onecycle schedule given
-    on the command line drops the recipe's warm-up (one-cycle has its own).
+    """``cfg`` with the defaults of ``cfg.recipe`` for the options not in ``given``. The recipe's warm-up is at
+    most a fifth of the run (a 1-epoch smoke test warms up for 0.2 epochs), and none under a onecycle schedule
+    given on the command line (one-cycle has its own).
 
     Example:
         >>> cfg = apply_recipe(Config(recipe="fast", lr=0.05), {"recipe", "lr"})
-        >>> cfg.epochs, cfg.schedule, cfg.lr, cfg.ema, cfg.nesterov
-        (30, 'cosine', 0.05, 0.999, True)
+        >>> cfg.epochs, cfg.schedule, cfg.lr, cfg.ema, cfg.nesterov, cfg.warmup_epochs
+        (30, 'cosine', 0.05, 0.999, True, 2.0)
+        >>> apply_recipe(Config(recipe="fast", epochs=1), {"recipe", "epochs"}).warmup_epochs
+        0.2
     """
     values = {k: v for k, v in RECIPES[cfg.recipe].items() if k not in given}
-    if cfg.schedule == "onecycle" and "schedule" in given and "warmup_epochs" not in given:
-        values["warmup_epochs"] = 0.0
+    if "warmup_epochs" in values:
+        epochs = values.get("epochs", cfg.epochs)
+        values["warmup_epochs"] = min(values["warmup_epochs"], epochs / 5)
+        if cfg.schedule == "onecycle" and "schedule" in given:
+            values["warmup_epochs"] = 0.0
     return Config(**{**asdict(cfg), **values})
 
 
