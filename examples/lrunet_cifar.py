@@ -1346,7 +1346,7 @@ def _run(cfg: Config, given: set[str], dd: Dist, wall0: float) -> dict[str, Any]
                     dist.broadcast(b, src=0)
             tested = model if ema is None else ema.module  # the EMA is what a run with --ema delivers
             test_loss, test_acc = evaluate(tested, data.test_x, data.test_y, ctx, dd, cfg.channels_last)
-            test_acc_raw = test_acc
+            test_acc_raw = test_acc if ema is None else None
             if ema is not None and last:  # what the EMA adds, once per run
                 test_acc_raw = evaluate(model, data.test_x, data.test_y, ctx, dd, cfg.channels_last)[1]
         _check_finite(epoch, cfg, {"training": stats["train_loss"], "test": test_loss}, out)
