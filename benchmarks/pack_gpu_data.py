@@ -98,6 +98,9 @@ def pack(shared: Path, dest: Path, cifar_train: int, cifar_test: int, max_mib: f
         total += size
         entry |= {"bytes": size, "sha256": _sha256(dest / name)}
     if total > max_mib * 2**20:
+        for name in manifest:  # not left behind, to be carried by mistake
+            (dest / name).unlink()
+        (dest / "MANIFEST.json").unlink(missing_ok=True)
         raise PackError(
             f"{dest} holds {total / 2**20:.1f} MiB, more than --max-mib {max_mib:g}; pass smaller --cifar-train / "
             f"--cifar-test (each CIFAR image takes about 2.8 kB)"
