@@ -62,6 +62,7 @@ def test_cpu_mode_runs_every_part(tmp_path: Path) -> None:
     assert {"summary.txt", "logs.tar.gz", "results/fashion-gpu.jsonl", "results/fashion-gpu.md"} <= names
     summary = (out / "summary.txt").read_text()
     assert "(c) DDP exit 0" in summary and "(a) grid exit 0" in summary and "(b) CIFAR exit 0" in summary
+    assert "ALL PARTS FINISHED" in summary
     assert '"ddp": true' in summary and summary.count("done: 1/1 epochs") == 2
     lines = [json.loads(t) for t in (out / "results" / "fashion-gpu.jsonl").read_text().splitlines()]
     assert sorted(line["settings"]["reuse"] for line in lines) == [1, 2]
@@ -73,13 +74,14 @@ def test_cpu_mode_runs_every_part(tmp_path: Path) -> None:
 
 @pytest.mark.heavy
 def test_the_cap_stops_the_grid_and_returns_what_it_reached(tmp_path: Path) -> None:
-    """A grid cap of 35 s against 30-epoch runs: the grid is stopped (exit 124), its runs' epochs so far are in
+    """A grid cap of 70 s against 30-epoch runs: the grid is stopped (exit 124), its runs' epochs so far are in
     the status lines, their checkpoints come back in unfinished_runs.tar, and the other parts still run."""
-    proc, out, _ = _run(tmp_path, GPU_CHECK_GRID_CAP="35", GPU_CHECK_GRID_EXTRA="--epochs 30")
+    proc, out, _ = _run(tmp_path, GPU_CHECK_GRID_CAP="70", GPU_CHECK_GRID_EXTRA="--epochs 30")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     _returned(out)
     summary = (out / "summary.txt").read_text()
     assert "(a) grid exit 124" in summary and "(b) CIFAR exit 0" in summary and "partial: " in summary
+    assert "NOT ALL PARTS FINISHED: grid exit 124, CIFAR exit 0, DDP exit 0" in summary
     with tarfile.open(out / "unfinished_runs.tar") as tar:
         names = tar.getnames()
     assert sum(n.endswith("/last.pt") for n in names) >= 1
