@@ -5,11 +5,16 @@
     python benchmarks/reproduce.py --preset cpu --dry-run                        # the grid and its estimated time
     python benchmarks/reproduce.py --preset cpu --report-only                    # table and plots from the JSONL
     python benchmarks/reproduce.py --preset paper --device cuda --compile        # CIFAR-10, the paper's recipe
+    python benchmarks/reproduce.py --preset fashion-gpu --device cuda --jobs 6   # 6 runs at once on one GPU
+    python benchmarks/reproduce.py --preset fashion-gpu --status                 # where each run stands
 
 The runs go one at a time, in this process, through the training script's ``main()``. As each finishes, its
 result (what ``main()`` returns) and the grid's settings (seed, shuffle, share, N, width, dataset, schedule,
 epochs, batch, torch threads, machine) are appended as one JSON line to ``<results-dir>/<grid>.jsonl``, and the
 table (``<grid>.md``) and plots (``<grid>_acc_vs_n.png``, ``<grid>_acc_vs_params.png``) are drawn again.
+
+With ``--jobs K`` the runs go K at a time, each in its own process of the training script (its log in
+``<runs-dir>/<run>.log``); this process alone appends to the JSONL, under a lock, as each run ends.
 
 A stopped grid resumes where it stopped: run the same command again. Points already in the JSONL (keyed by
 their settings) are skipped; a point whose run directory holds a ``last.pt`` (the run was stopped midway)
@@ -22,6 +27,8 @@ Presets (the numbers are overridable, see ``--help``):
   ``--reuse-values`` (1, 4, 8), ``--seeds`` (0, 1), ``--epochs`` epochs each; (c) ``no-shuffle``: N = 4 without
   the channel shuffle; (d) ``no-share``: N = 4 with new layers for every use (``--ablation-seeds``, default
   ``--seeds``).
+- ``fashion-gpu``: all of Fashion-MNIST, N-LruNet-1x for N = 1, 4, 10, seeds 0 and 1, ``--recipe fast`` (30
+  epochs, cosine with warm-up, lr 0.2, batch 256, label smoothing, weight EMA), for one GPU with ``--jobs 6``.
 - ``paper``: CIFAR-10 with the paper's recipe (300 epochs, the paper's schedule, batch 256), 5 seeds, for a GPU:
   ``reuse``: N-LruNet-1x for N = 1, 2, 4, ..., 16 (the paper's Table 2); ``no-shuffle`` and ``no-share`` at N = 8
   (``no-share`` at N = 8 is the paper's 902k network of Table 4).
