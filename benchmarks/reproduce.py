@@ -744,11 +744,15 @@ def report_text(rows: list[Row], args: argparse.Namespace) -> str:
 def plot(rows: list[Row], by: str, path: Path, title: str) -> None:
     """Accuracy (mean, min-max bars over seeds) against N (``by="n"``) or parameters (``by="params"``): shared,
     no-shuffle and no-share runs each with their own marker and colour (shared runs of another width in green);
-    the ablations are nudged sideways so that their bars do not hide the shared run's at the same N."""
-    import matplotlib
+    the ablations are nudged sideways so that their bars do not hide the shared run's at the same N. Without
+    matplotlib (a bare GPU machine) there is no plot; the table is written all the same."""
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
 
     style = {  # colour, marker, sideways nudge
         "shared, shuffle": ("tab:blue", "o", 0.0),

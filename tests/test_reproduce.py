@@ -330,3 +330,12 @@ def test_pack_gpu_data_copies_fashion_and_a_balanced_cifar_subset(tmp_path: Path
     assert not (dest / "cifar10_subset" / "train.npz").exists()  # an oversized pack is not left behind
     with pytest.raises(pk.PackError, match="multiple of 10"):
         pk.main(["--shared", str(shared), "--dest", str(dest), "--cifar-train", "55"])
+
+
+def test_the_report_needs_no_matplotlib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GPU machine may lack matplotlib: the table is written, the plots are left out."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "tiny.jsonl").write_text(json.dumps(_line(1, 0, 0.8)) + "\n")
+    rp.main([*_args(tmp_path), "--report-only"])
+    assert (tmp_path / "results" / "tiny.md").is_file() and not list((tmp_path / "results").glob("*.png"))
