@@ -5,11 +5,16 @@
     python benchmarks/reproduce.py --preset cpu --dry-run                        # the grid and its estimated time
     python benchmarks/reproduce.py --preset cpu --report-only                    # table and plots from the JSONL
     python benchmarks/reproduce.py --preset paper --device cuda --compile        # CIFAR-10, the paper's recipe
+    python benchmarks/reproduce.py --preset fashion-gpu --device cuda --jobs 6   # 6 runs at once on one GPU
+    python benchmarks/reproduce.py --preset fashion-gpu --status                 # where each run stands
 
 The runs go one at a time, in this process, through the training script's ``main()``. As each finishes, its
 result (what ``main()`` returns) and the grid's settings (seed, shuffle, share, N, width, dataset, schedule,
 epochs, batch, torch threads, machine) are appended as one JSON line to ``<results-dir>/<grid>.jsonl``, and the
 table (``<grid>.md``) and plots (``<grid>_acc_vs_n.png``, ``<grid>_acc_vs_params.png``) are drawn again.
+
+With ``--jobs K`` the runs go K at a time, each in its own process of the training script (its log in
+``<runs-dir>/<run>.log``); this process alone appends to the JSONL, under a lock, as each run ends.
 
 A stopped grid resumes where it stopped: run the same command again. Points already in the JSONL (keyed by
 their settings) are skipped; a point whose run directory holds a ``last.pt`` (the run was stopped midway)
@@ -22,6 +27,8 @@ Presets (the numbers are overridable, see ``--help``):
   ``--reuse-values`` (1, 4, 8), ``--seeds`` (0, 1), ``--epochs`` epochs each; (c) ``no-shuffle``: N = 4 without
   the channel shuffle; (d) ``no-share``: N = 4 with new layers for every use (``--ablation-seeds``, default
   ``--seeds``).
+- ``fashion-gpu``: all of Fashion-MNIST, N-LruNet-1x for N = 1, 4, 10, seeds 0 and 1, ``--recipe fast`` (30
+  epochs, cosine with warm-up, lr 0.2, batch 256, label smoothing, weight EMA), for one GPU with ``--jobs 6``.
 - ``paper``: CIFAR-10 with the paper's recipe (300 epochs, the paper's schedule, batch 256), 5 seeds, for a GPU:
   ``reuse``: N-LruNet-1x for N = 1, 2, 4, ..., 16 (the paper's Table 2); ``no-shuffle`` and ``no-share`` at N = 8
   (``no-share`` at N = 8 is the paper's 902k network of Table 4).
@@ -41,11 +48,13 @@ import json
 import math
 import os
 import platform
+import signal
 import statistics
+import subprocess
 import sys
 import time
-from collections.abc import Sequence
-from contextlib import nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -76,6 +85,7 @@ def _load_trainer() -> ModuleType:
 
 TRAINER = _load_trainer()
 ReuseError = TRAINER.ReuseError
+FAST = TRAINER.RECIPES["fast"]
 
 
 # ----------------------------------------------------------------------------------------------------- the grid
@@ -98,6 +108,7 @@ class Point:
     lr: float
     subset: int | None = None  # train on the first K images of the script's fixed shuffle
     test_subset: int | None = None
+    recipe: str = "paper"  # the script's --recipe (fast: label smoothing, warm-up, EMA, ...; see the script)
 
     def settings(self) -> dict[str, Any]:
         """Everything but the group: what makes two runs the same run."""
@@ -127,6 +138,7 @@ class Point:
         args += [] if self.shuffle else ["--no-shuffle"]
         args += [] if self.subset is None else ["--subset", str(self.subset)]
         args += [] if self.test_subset is None else ["--test-subset", str(self.test_subset)]
+        args += ["--recipe", self.recipe]
         return args
 
 
@@ -146,6 +158,8 @@ class Preset:
     reuse_values: tuple[int, ...]  # N of the reuse group
     ablation_reuse: int  # N of the no-shuffle and no-share groups
     eval_every: int
+    recipe: str = "paper"  # the script's --recipe
+    only: tuple[str, ...] | None = None  # the groups it runs; None: all
 
 
 PRESETS = {
@@ -160,6 +174,13 @@ PRESETS = {
         schedule="paper", lr=0.1, width=1.0, reuse_values=(1, 2, 4, 6, 8, 10, 12, 14, 16), ablation_reuse=8,
         eval_every=1,
     ),
+    # Issue #19: the fast recipe on all of Fashion-MNIST (60,000 / 10,000), 1x, N = 1, 4, 10 (Table 6's), two
+    # seeds, for one GPU with several runs in parallel (--jobs). Schedule and lr are the recipe's.
+    "fashion-gpu": Preset(
+        dataset="fashion-mnist", data_dir=FASHION_MNIST, epochs=30, epochs_1x=None, seeds=(0, 1), batch_size=256,
+        schedule=FAST["schedule"], lr=FAST["lr"], width=1.0, reuse_values=(1, 4, 10), ablation_reuse=4,
+        eval_every=1, recipe="fast", only=("reuse",),
+    ),
 }  # fmt: skip
 
 
@@ -167,7 +188,7 @@ def build_grid(args: argparse.Namespace) -> list[Point]:
     """The grid's points in the order they run: every group for the first seed, then for the next, so that a
     stopped grid already holds one whole picture."""
     common = dict(dataset=args.dataset, schedule=args.schedule, batch_size=args.batch_size, lr=args.lr)
-    common |= dict(subset=args.subset, test_subset=args.test_subset)
+    common |= dict(subset=args.subset, test_subset=args.test_subset, recipe=args.recipe)
     points = []
     for i, seed in enumerate(args.seeds):
         if args.epochs_1x is not None and i == 0:
@@ -207,6 +228,8 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
             line = json.loads(text)
         except json.JSONDecodeError as err:
             raise ReuseError(f"{path}:{i}: not a JSON line ({err}); fix or delete that line") from None
+        if isinstance(line, dict) and isinstance(line.get("settings"), dict):  # lines older than --recipe
+            line["settings"] = {"recipe": "paper", **line["settings"]}
         if not isinstance(line, dict) or sorted(line.get("settings") or {}) != sorted(SETTINGS):
             raise ReuseError(
                 f"{path}:{i}: not a result line of reproduce.py (its `settings` must have exactly "
@@ -220,14 +243,32 @@ def line_key(line: dict[str, Any]) -> str:
     return json.dumps(line["settings"], sort_keys=True)
 
 
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``<path>.lock`` (``fcntl.flock``; where there is no fcntl, no lock)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    with open(path.with_name(path.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def append_jsonl(path: Path, line: dict[str, Any]) -> None:
     """Add ``line`` to ``path``; the file is written whole to a temporary and renamed, so a kill at any moment
-    leaves the old lines or the old lines and the new one."""
+    leaves the old lines or the old lines and the new one, and under a lock, so that processes appending at once
+    (two grids sharing a JSONL) lose no line."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    old = path.read_text() if path.exists() else ""
-    if old and not old.endswith("\n"):
-        old += "\n"
-    TRAINER.write_text(path, old + json.dumps(line) + "\n")
+    with _locked(path):
+        old = path.read_text() if path.exists() else ""
+        if old and not old.endswith("\n"):
+            old += "\n"
+        TRAINER.write_text(path, old + json.dumps(line) + "\n")
 
 
 def machine_name(device: str) -> str:
@@ -262,8 +303,38 @@ def _runtime_argv(args: argparse.Namespace, out: Path) -> list[str]:
     return argv
 
 
+def _result_line(
+    point: Point,
+    args: argparse.Namespace,
+    result: dict[str, Any] | None,
+    error: str | None,
+    resumed: bool,
+    load: list[float | None],
+    threads: int,
+) -> dict[str, Any]:
+    """The JSON line of a finished (or diverged) run; ``config`` is the run's config.json, every option it ran
+    with, the recipe's included."""
+    config_path = args.runs_dir / point.run_name() / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else None
+    return {
+        "grid": args.grid,
+        "group": point.group,
+        "settings": point.settings(),
+        "threads": threads,
+        "machine": machine_name(args.device),
+        "device_option": args.device,
+        "resumed": resumed,
+        "load_avg": load,
+        "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+        "result": result,
+        "error": error,
+        "config": config,
+    }
+
+
 def run_point(point: Point, args: argparse.Namespace) -> dict[str, Any]:
-    """Train one point (continuing its run directory when it holds a last.pt); return its JSON line."""
+    """Train one point in this process (continuing its run directory when it holds a last.pt); return its JSON
+    line."""
     out = args.runs_dir / point.run_name()
     argv = point.argv() + _runtime_argv(args, out)
     resumed = (out / "last.pt").is_file()
@@ -275,32 +346,169 @@ def run_point(point: Point, args: argparse.Namespace) -> dict[str, Any]:
         result = TRAINER.main(argv)
     except TRAINER.RunDiverged as err:
         error = str(err)
-    return {
-        "grid": args.grid,
-        "group": point.group,
-        "settings": point.settings(),
-        "threads": torch.get_num_threads(),
-        "machine": machine_name(args.device),
-        "device_option": args.device,
-        "resumed": resumed,
-        "load_avg": [load_start, _load_avg()],
-        "finished": datetime.datetime.now().isoformat(timespec="seconds"),
-        "result": result,
-        "error": error,
-    }
+    return _result_line(point, args, result, error, resumed, [load_start, _load_avg()], torch.get_num_threads())
 
 
 def run_grid(points: list[Point], args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Run every point not yet in the JSONL, appending each line as it finishes and redrawing the report."""
+    """Run every point not yet in the JSONL, appending each line as it finishes and redrawing the report; with
+    ``--jobs K`` in K processes at once."""
     done = {line_key(line) for line in read_jsonl(args.jsonl)}
     todo = [p for p in points if p.key() not in done]
     print(f"reproduce.py: grid {args.grid}: {len(points)} runs, {len(points) - len(todo)} already in {args.jsonl}")
+    if args.jobs > 1:
+        run_parallel(todo, args)
+        return read_jsonl(args.jsonl)
     for i, point in enumerate(todo, 1):
         print(f"reproduce.py: run {i}/{len(todo)}: {describe(point)}", flush=True)
         line = run_point(point, args)
         append_jsonl(args.jsonl, line)
         write_report(read_jsonl(args.jsonl), args)
     return read_jsonl(args.jsonl)
+
+
+@dataclass
+class _Job:
+    """A run in a child process."""
+
+    point: Point
+    proc: subprocess.Popen
+    log: Path
+    resumed: bool
+    load_start: float | None
+    t0: float
+
+
+def _cost(point: Point) -> float:
+    """A rough relative cost of a run, to start the longest first: epochs x images x uses x width^2."""
+    return point.epochs * (point.subset or 1e9) * point.reuse * point.width**2 * (1 if point.share else 1.2)
+
+
+def _child_env(args: argparse.Namespace) -> dict[str, str]:
+    """The environment of a run's process: this checkout first on the path, unbuffered output, --threads."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
+    if args.threads is not None:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    env.pop("RANK", None)  # a grid started under torchrun: its runs are plain single-process runs
+    return env
+
+
+def _start(point: Point, args: argparse.Namespace) -> _Job:
+    out = args.runs_dir / point.run_name()
+    argv = point.argv() + _runtime_argv(args, out)
+    resumed = (out / "last.pt").is_file()
+    argv += ["--resume"] if resumed else []
+    log = args.runs_dir / f"{point.run_name()}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as f:  # a resumed run appends; the child keeps its own copy of the descriptor
+        f.write(f"# reproduce.py {datetime.datetime.now().isoformat(timespec='seconds')}: {' '.join(argv)}\n")
+        f.flush()
+        proc = subprocess.Popen(
+            [sys.executable, str(TRAINER_PATH), *argv], stdout=f, stderr=subprocess.STDOUT, env=_child_env(args)
+        )
+    return _Job(point, proc, log, resumed, _load_avg(), time.perf_counter())
+
+
+def _last_line(path: Path) -> str:
+    lines = path.read_text(errors="replace").strip().splitlines() if path.is_file() else []
+    return lines[-1] if lines else ""
+
+
+def _finish(job: _Job, args: argparse.Namespace) -> str | None:
+    """Record a finished child: its line in the JSONL (a diverged run too); return a failure message, or None."""
+    rc, point = job.proc.returncode, job.point
+    last = _last_line(job.log)
+    result, error = None, None
+    if rc == 0:
+        result = json.loads((args.runs_dir / point.run_name() / "final.json").read_text())
+    elif "the run diverged" in last:  # the script's one-line error for a NaN loss: recorded, as in-process
+        error = last.removeprefix("lrunet_cifar.py: error: ")
+    else:
+        return f"{describe(point)}: exit status {rc}: {last[-300:]} (log: {job.log})"
+    threads = args.threads if args.threads is not None else torch.get_num_threads()
+    line = _result_line(point, args, result, error, job.resumed, [job.load_start, _load_avg()], threads)
+    append_jsonl(args.jsonl, line)
+    write_report(read_jsonl(args.jsonl), args)
+    return None
+
+
+def run_parallel(todo: list[Point], args: argparse.Namespace) -> None:
+    """Run ``todo`` as ``--jobs`` child processes of the training script at once (the longest first), each
+    writing its log to ``<runs-dir>/<run>.log``; this process alone writes the JSONL, a line as each run ends. A
+    run that fails otherwise than by diverging is reported and left out of the JSONL (a rerun tries it again);
+    the grid goes on and stops with the list of failures. SIGTERM or Ctrl-C stops the children too."""
+    queue = sorted(todo, key=_cost, reverse=True)
+    running: list[_Job] = []
+    failures: list[str] = []
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    t0 = time.perf_counter()
+    try:
+        while queue or running:
+            while queue and len(running) < args.jobs:
+                job = _start(queue.pop(0), args)
+                running.append(job)
+                note = " (resuming its run directory)" if job.resumed else ""
+                print(f"reproduce.py: started {describe(job.point)}{note}; log {job.log}", flush=True)
+            time.sleep(args.poll)
+            for job in [j for j in running if j.proc.poll() is not None]:
+                running.remove(job)
+                failure = _finish(job, args)
+                took, into = duration(time.perf_counter() - job.t0), duration(time.perf_counter() - t0)
+                print(
+                    f"reproduce.py: {'FAILED' if failure else 'finished'} after {took} ({into} "
+                    f"into the grid, {len(running)} running, {len(queue)} waiting): {failure or describe(job.point)}",
+                    flush=True,
+                )
+                failures += [failure] if failure else []
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for job in running:  # stopped early: the children go too (their run directories keep the last epoch)
+            job.proc.terminate()
+        for job in running:
+            try:
+                job.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                job.proc.kill()
+    if failures:
+        raise ReuseError(f"{len(failures)} run(s) failed: " + "; ".join(failures))
+
+
+def status(points: list[Point], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Print where each run of the grid stands: in the JSONL (its last accuracy), stopped or running (its last
+    epoch, from its run directory's metrics.jsonl), or not started; return the same as dicts."""
+    lines = {line_key(line): line for line in read_jsonl(args.jsonl)}
+    print(f"grid {args.grid}: {len(points)} runs; results {args.jsonl}; run directories {args.runs_dir}")
+    rows = []
+    for p in points:
+        row: dict[str, Any] = {"point": describe(p), "settings": p.settings()}
+        metrics = args.runs_dir / p.run_name() / "metrics.jsonl"
+        history = [json.loads(t) for t in metrics.read_text().splitlines() if t.strip()] if metrics.is_file() else []
+        tested = [h for h in history if h.get("test_acc") is not None]
+        if p.key() in lines:
+            result = lines[p.key()]["result"]
+            row["state"] = "done" if result else "diverged"
+            row["last_acc"] = result["last_acc"] if result else None
+            row["last_acc_raw"] = result.get("last_acc_raw") if result else None
+            row["train_time_s"] = result["train_time_s"] if result else None
+        else:
+            row["state"] = "partial" if history else "not started"
+        row["epochs_done"] = history[-1]["epoch"] if history else 0
+        row["epoch_acc"] = tested[-1]["test_acc"] if tested else None
+        row["time_s"] = history[-1]["time_s"] if history else None
+        text = f"{row['state']}: {row['epochs_done']}/{p.epochs} epochs"
+        if row["epoch_acc"] is not None:
+            text += f", test acc {100 * row['epoch_acc']:.2f}% at epoch {tested[-1]['epoch']}"
+        if row.get("last_acc_raw") is not None and row["last_acc_raw"] != row.get("last_acc"):
+            text += f" (without EMA {100 * row['last_acc_raw']:.2f}%)"
+        if row["time_s"] is not None:
+            text += f", {duration(row['time_s'])} training ({row['time_s'] / max(row['epochs_done'], 1):.1f} s/epoch)"
+        print(f"  {describe(p)}  {text}")
+        rows.append(row)
+    return rows
 
 
 def duration(seconds: float) -> str:
@@ -316,6 +524,7 @@ def describe(point: Point) -> str:
     return (
         f"{group:<12} {point.model():<24} seed {point.seed}  {point.schedule}  {point.epochs} epochs  "
         f"batch {point.batch_size}  lr {point.lr:g}{subset}"
+        + ("" if point.recipe == "paper" else f"  recipe {point.recipe}")
     )
 
 
@@ -415,6 +624,12 @@ def dry_run(points: list[Point], args: argparse.Namespace) -> dict[str, Any]:
         eval_total = math.ceil(test_n / EVAL_BATCH) * eval_s
         print(f"  {name:<24} {step_s:7.3f} s/step  {duration(epoch_s):>9}/epoch  {duration(eval_total):>7}/evaluation")
     print(f"estimated total: {duration(total)} ({total / 60:.0f} min) for the runs not yet done")
+    if args.jobs > 1:
+        longest = max((e["seconds"] for e in estimates if not e["skipped"]), default=0.0)
+        print(
+            f"with --jobs {args.jobs}: between {duration(max(longest, total / args.jobs))} (the runs overlap "
+            f"perfectly) and {duration(total)} (they share one busy device): the timing above ran one model alone"
+        )
     return {"estimates": estimates, "total_s": total}
 
 
@@ -435,6 +650,7 @@ class Row:
     schedule: str
     epochs: int
     batch_size: int
+    recipe: str = "paper"
     params: int | None = None
     mflops: float | None = None
     train_images: int | None = None  # images per epoch (all of the training set, or --subset of them)
@@ -467,7 +683,7 @@ def summarize(lines: list[dict[str, Any]]) -> list[Row]:
             rows[key] = Row(
                 group=point.group, model=point.model(), dataset=point.dataset, reuse=point.reuse,
                 width=point.width, share=point.share, shuffle=point.shuffle, schedule=point.schedule,
-                epochs=point.epochs, batch_size=point.batch_size,
+                epochs=point.epochs, batch_size=point.batch_size, recipe=point.recipe,
             )  # fmt: skip
         row = rows[key]
         threads = line.get("threads", "?")
@@ -515,7 +731,7 @@ def table(rows: list[Row]) -> str:
 
 def report_text(rows: list[Row], args: argparse.Namespace) -> str:
     datasets = ", ".join(sorted({r.dataset for r in rows}))
-    schedules = ", ".join(sorted({f"{r.schedule}, batch {r.batch_size}" for r in rows}))
+    schedules = ", ".join(sorted({f"recipe {r.recipe}, {r.schedule}, batch {r.batch_size}" for r in rows}))
     return (
         f"# Grid `{args.grid}`: {datasets}\n\n"
         f"Written by `benchmarks/reproduce.py` from `{args.jsonl.name}` ({schedules}). Test accuracy is the last "
@@ -528,11 +744,15 @@ def report_text(rows: list[Row], args: argparse.Namespace) -> str:
 def plot(rows: list[Row], by: str, path: Path, title: str) -> None:
     """Accuracy (mean, min-max bars over seeds) against N (``by="n"``) or parameters (``by="params"``): shared,
     no-shuffle and no-share runs each with their own marker and colour (shared runs of another width in green);
-    the ablations are nudged sideways so that their bars do not hide the shared run's at the same N."""
-    import matplotlib
+    the ablations are nudged sideways so that their bars do not hide the shared run's at the same N. Without
+    matplotlib (a bare GPU machine) there is no plot; the table is written all the same."""
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
 
     style = {  # colour, marker, sideways nudge
         "shared, shuffle": ("tab:blue", "o", 0.0),
@@ -609,7 +829,12 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="reproduce.py", description="Run the layer-reuse grid, then write its table and plots."
     )
-    p.add_argument("--preset", choices=sorted(PRESETS), required=True, help="cpu (Fashion-MNIST) or paper (CIFAR-10)")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        required=True,
+        help="cpu (Fashion-MNIST, 0.5x), paper (CIFAR-10) or fashion-gpu (Fashion-MNIST, 1x, --recipe fast)",
+    )
     p.add_argument("--grid", help="name of the grid's files (default: the preset's name)")
     p.add_argument("--results-dir", type=Path, default=ROOT / "benchmarks" / "results", help="JSONL, table, plots")
     p.add_argument("--runs-dir", type=Path, help="run directories (default: runs/reproduce/<grid>)")
@@ -620,11 +845,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ablation-seeds", type=_ints, help="seeds of no-shuffle and no-share (default: --seeds)")
     p.add_argument("--batch-size", type=int, help="cpu: 128; paper: 256")
     p.add_argument("--schedule", choices=("paper", "cosine", "onecycle"), help="cpu: onecycle; paper: paper")
-    p.add_argument("--lr", type=float, help="initial or peak learning rate (default 0.1)")
+    p.add_argument("--lr", type=float, help="initial or peak learning rate (cpu, paper: 0.1; fashion-gpu: 0.2)")
+    p.add_argument(
+        "--recipe", choices=sorted(TRAINER.RECIPES), help="the script's --recipe (cpu, paper: paper; fashion-gpu: fast)"
+    )
     p.add_argument("--width", type=float, help="width of the reuse and ablation groups (cpu: 0.5; paper: 1)")
     p.add_argument("--reuse-values", type=_ints, help="N of the reuse group (cpu: 1,4,8; paper: 1,2,4,...,16)")
     p.add_argument("--ablation-reuse", type=int, help="N of no-shuffle and no-share (cpu: 4; paper: 8)")
-    p.add_argument("--only", type=lambda s: tuple(s.split(",")), help=f"run only these groups, of {', '.join(GROUPS)}")
+    p.add_argument(
+        "--only",
+        type=lambda s: tuple(s.split(",")),
+        help=f"run only these groups, of {', '.join(GROUPS)} (fashion-gpu: reuse)",
+    )
     p.add_argument("--subset", type=int, help="train on K images (passed to the script)")
     p.add_argument("--test-subset", type=int, help="evaluate on K images (passed to the script)")
     p.add_argument("--eval-every", type=int, help="evaluate every K epochs and after the last (cpu: 5; paper: 1)")
@@ -632,7 +864,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="passed to the script")
     p.add_argument("--compile", action="store_true", help="passed to the script (torch.compile)")
     p.add_argument("--progress", action="store_true", help="the script's progress bars (default: off)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs at once, each in its own process (e.g. several on one GPU); default 1: one at a time, in this "
+        "process",
+    )
+    p.add_argument("--poll", type=float, default=2.0, help=argparse.SUPPRESS)  # seconds between looks at --jobs runs
     p.add_argument("--dry-run", action="store_true", help="print the grid and its estimated time, then exit")
+    p.add_argument(
+        "--status", action="store_true", help="print where each run stands (done, epochs reached, accuracy), then exit"
+    )
     p.add_argument("--report-only", action="store_true", help="table and plots from the JSONL; no training")
     p.add_argument(
         "--docs",
@@ -651,6 +894,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for name in ("dataset", "data_dir", "epochs", "epochs_1x", "seeds", "batch_size", "schedule", "lr", "width"):
         if getattr(args, name, None) is None:
             setattr(args, name, getattr(preset, name))
+    for name in ("recipe", "only"):
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(preset, name))
     for name in ("reuse_values", "ablation_reuse", "eval_every"):
         if getattr(args, name) is None:
             setattr(args, name, getattr(preset, name))
@@ -659,7 +905,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.runs_dir = args.runs_dir or ROOT / "runs" / "reproduce" / args.grid
     args.jsonl = args.results_dir / f"{args.grid}.jsonl"
     counts = ("epochs", "epochs_1x", "batch_size", "ablation_reuse", "eval_every", "subset", "test_subset", "threads")
-    for name in (*counts, "timing_steps"):
+    for name in (*counts, "timing_steps", "jobs"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ReuseError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -692,6 +938,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise ReuseError("the grid is empty: check --only and the seeds")
     if args.dry_run:
         return dry_run(points, args)
+    if args.status:
+        return {"status": status(points, args)}
     if args.data_dir is not None and not args.data_dir.is_dir():
         raise ReuseError(f"--data-dir {args.data_dir}: no such folder (it needs train.npz and test.npz)")
     TRAINER.check_writable(args.results_dir)

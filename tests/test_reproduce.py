@@ -57,7 +57,9 @@ def test_grid_writes_a_line_per_run_and_resumes_where_it_stopped(
         assert line["settings"] | {"reuse": 0} == {
             "dataset": "fashion-mnist", "reuse": 0, "width": 0.25, "share": True, "shuffle": True, "seed": 0,
             "schedule": "onecycle", "epochs": 1, "batch_size": 16, "lr": 0.1, "subset": 64, "test_subset": 64,
+            "recipe": "paper",
         }  # fmt: skip
+        assert line["config"]["recipe"] == "paper" and line["config"]["reuse"] == line["settings"]["reuse"]
         assert line["grid"] == "tiny" and line["group"] == "reuse" and line["threads"] == 1
         assert "cores" in line["machine"] and "torch" in line["machine"]
         assert line["result"]["epochs"] == 1 and line["result"]["train_images"] == 64
@@ -186,3 +188,154 @@ def test_report_only_regenerates_the_docs_table(tmp_path: Path) -> None:
     page.write_text("no markers\n")
     with pytest.raises(rp.ReuseError, match="grid:tiny"):
         rp.main([*_args(tmp_path), "--report-only", "--docs", str(page)])
+
+
+# ------------------------------------------------------------------------------------- fashion-gpu, --jobs
+
+# The fashion-gpu preset cut down to two quarter-width runs of one epoch on 64 images.
+TINY_GPU_GRID = [
+    "--preset", "fashion-gpu", "--grid", "tinygpu", "--reuse-values", "1,2", "--width", "0.25", "--seeds", "0",
+    "--epochs", "1", "--batch-size", "16", "--subset", "64", "--test-subset", "64", "--data-dir", str(SUBSET),
+    "--threads", "1", "--device", "cpu",
+]  # fmt: skip
+
+
+def _gpu_args(tmp_path: Path) -> list[str]:
+    return [*TINY_GPU_GRID, "--results-dir", str(tmp_path / "results"), "--runs-dir", str(tmp_path / "runs")]
+
+
+def test_fashion_gpu_preset_is_the_issue_grid() -> None:
+    args = rp.parse_args(["--preset", "fashion-gpu"])
+    points = rp.build_grid(args)
+    assert sorted((p.reuse, p.seed) for p in points) == [(n, s) for n in (1, 4, 10) for s in (0, 1)]
+    for p in points:
+        assert (p.dataset, p.width, p.epochs, p.batch_size, p.recipe, p.group) == (
+            "fashion-mnist", 1.0, 30, 256, "fast", "reuse",
+        )  # fmt: skip
+        assert (p.schedule, p.lr, p.subset) == ("cosine", 0.2, None)
+        argv = p.argv()
+        assert argv[argv.index("--recipe") + 1] == "fast"
+    cfg = rp.TRAINER.parse_config(points[0].argv())[0]
+    assert (cfg.ema, cfg.label_smoothing, cfg.warmup_epochs, cfg.nesterov, cfg.epochs) == (0.999, 0.1, 2.0, True, 30)
+
+
+def test_jobs_run_in_parallel_processes_and_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--jobs 2: two child processes, a log each with its epoch lines, one JSON line each (with the run's
+    config); a rerun starts no process; --status says where each run stands."""
+    out = rp.main([*_gpu_args(tmp_path), "--jobs", "2", "--poll", "0.2"])
+    lines = [json.loads(t) for t in (tmp_path / "results" / "tinygpu.jsonl").read_text().splitlines()]
+    assert sorted(line["settings"]["reuse"] for line in lines) == [1, 2] and len(out["lines"]) == 2
+    for line in lines:
+        assert line["settings"]["recipe"] == "fast" and line["config"]["ema"] == 0.999
+        assert line["result"]["epochs"] == 1 and line["result"]["recipe"] == "fast" and line["threads"] == 1
+        log = (tmp_path / "runs" / (Path(line["result"]["out"]).name + ".log")).read_text()
+        assert "epoch 1/1" in log and "test loss" in log and "elapsed" in log
+    assert "| 2-LruNet-0.25x |" in (tmp_path / "results" / "tinygpu.md").read_text()
+
+    def no_process(*a: object, **k: object) -> None:
+        raise AssertionError("started a run again")
+
+    monkeypatch.setattr(rp.subprocess, "Popen", no_process)
+    rp.main([*_gpu_args(tmp_path), "--jobs", "2"])
+    assert len((tmp_path / "results" / "tinygpu.jsonl").read_text().splitlines()) == 2
+    rows = rp.main([*_gpu_args(tmp_path), "--reuse-values", "1,2,4", "--status"])["status"]
+    assert [r["state"] for r in rows] == ["done", "done", "not started"]
+    assert rows[0]["epochs_done"] == 1 and rows[0]["last_acc"] == rows[0]["epoch_acc"]
+
+
+def test_a_failing_job_is_reported_and_the_rest_goes_on(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A run that fails (here: its run directory is a file) leaves no line; the other run finishes and is
+    recorded; the grid ends with one error naming the failure and its log."""
+    args = rp.parse_args(_gpu_args(tmp_path))
+    bad = next(p for p in rp.build_grid(args) if p.reuse == 2)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / bad.run_name()).write_text("in the way")
+    with pytest.raises(rp.ReuseError, match=r"1 run\(s\) failed: .*2-LruNet-0.25x.*exit status 2.*cannot write"):
+        rp.main([*_gpu_args(tmp_path), "--jobs", "2", "--poll", "0.2"])
+    lines = (tmp_path / "results" / "tinygpu.jsonl").read_text().splitlines()
+    assert [json.loads(t)["settings"]["reuse"] for t in lines] == [1]
+
+
+def test_status_reads_a_stopped_run(tmp_path: Path) -> None:
+    args = rp.parse_args(_gpu_args(tmp_path))
+    point = rp.build_grid(args)[0]
+    run = tmp_path / "runs" / point.run_name()
+    run.mkdir(parents=True)
+    history = [{"epoch": e, "test_acc": 0.5 + e / 100, "time_s": 10.0 * e} for e in (1, 2, 3)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+    (row, other) = rp.main([*_gpu_args(tmp_path), "--status"])["status"]
+    assert row["state"] == "partial" and row["epochs_done"] == 3 and row["epoch_acc"] == 0.53
+    assert other["state"] == "not started"
+
+
+def _append_many(path: str, who: int) -> None:
+    for i in range(15):
+        rp.append_jsonl(Path(path), {"who": who, "i": i})
+
+
+def test_concurrent_appends_lose_no_line(tmp_path: Path) -> None:
+    """Four processes appending at once (each append rewrites the file and renames it): the lock keeps every
+    line."""
+    import multiprocessing
+
+    path = tmp_path / "grid.jsonl"
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_append_many, args=(str(path), w)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert all(p.exitcode == 0 for p in procs)
+    lines = [json.loads(t) for t in path.read_text().splitlines()]
+    assert sorted((d["who"], d["i"]) for d in lines) == [(w, i) for w in range(4) for i in range(15)]
+
+
+def test_lines_older_than_the_recipe_read_as_the_papers(tmp_path: Path) -> None:
+    (tmp_path / "results").mkdir()
+    old = _line(1, 0, 0.8)
+    old["settings"].pop("recipe", None)
+    (tmp_path / "results" / "tiny.jsonl").write_text(json.dumps(old) + "\n")
+    (line,) = rp.read_jsonl(tmp_path / "results" / "tiny.jsonl")
+    assert line["settings"]["recipe"] == "paper"
+
+
+# ------------------------------------------------------------------------------------------ pack_gpu_data.py
+
+pk = load_script(ROOT / "benchmarks" / "pack_gpu_data.py", "pack_gpu_data")
+
+
+def test_pack_gpu_data_copies_fashion_and_a_balanced_cifar_subset(tmp_path: Path) -> None:
+    import numpy as np
+
+    shared = tmp_path / "shared"
+    rng = np.random.default_rng(0)
+    for folder, shape, n in (("fashion_mnist", (28, 28), 50), ("cifar10_jpeg_q75_lossy", (32, 32, 3), 200)):
+        (shared / folder).mkdir(parents=True)
+        for split in ("train", "test"):
+            labels = np.repeat(np.arange(10), n // 10).astype(np.int64)  # class-major, as the shared copy
+            images = rng.integers(0, 256, (n, *shape), dtype=np.uint8)
+            np.savez_compressed(shared / folder / f"{split}.npz", images=images, labels=labels)
+    dest = tmp_path / ".gpudata"
+    manifest = pk.main(["--shared", str(shared), "--dest", str(dest), "--cifar-train", "60", "--cifar-test", "40"])
+    assert (dest / "fashion_mnist" / "train.npz").read_bytes() == (shared / "fashion_mnist" / "train.npz").read_bytes()
+    with np.load(dest / "cifar10_subset" / "train.npz") as d:
+        assert d["images"].shape == (60, 32, 32, 3) and d["images"].dtype == np.uint8
+        assert d["labels"].dtype == np.int64 and np.bincount(d["labels"]).tolist() == [6] * 10
+        assert len(set(d["labels"][:10].tolist())) > 1  # shuffled, not class-major
+    assert manifest["cifar10_subset/test.npz"]["images"] == 40
+    assert json.loads((dest / "MANIFEST.json").read_text())["files"].keys() == manifest.keys()
+    with pytest.raises(pk.PackError, match="more than --max-mib"):
+        pk.main(["--shared", str(shared), "--dest", str(dest), "--cifar-train", "60", "--cifar-test", "40",
+                 "--max-mib", "0.01"])  # fmt: skip
+    assert not (dest / "cifar10_subset" / "train.npz").exists()  # an oversized pack is not left behind
+    with pytest.raises(pk.PackError, match="multiple of 10"):
+        pk.main(["--shared", str(shared), "--dest", str(dest), "--cifar-train", "55"])
+
+
+def test_the_report_needs_no_matplotlib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GPU machine may lack matplotlib: the table is written, the plots are left out."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "tiny.jsonl").write_text(json.dumps(_line(1, 0, 0.8)) + "\n")
+    rp.main([*_args(tmp_path), "--report-only"])
+    assert (tmp_path / "results" / "tiny.md").is_file() and not list((tmp_path / "results").glob("*.png"))

@@ -759,3 +759,154 @@ def test_sync_bn_on_cpu_processes_is_refused(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setattr(lc, "setup_distributed", lambda kind: lc.Dist(rank=0, world=2, local_rank=0))
     with pytest.raises(reuse.ReuseError, match="--sync-bn needs CUDA"):
         lc.main([*TINY, "--sync-bn", "--device", "cpu", "--out", str(tmp_path / "r")])
+
+
+# ---------------------------------------------------------------------------------------------- --recipe fast
+
+FAST = [*TINY, "--recipe", "fast"]  # TINY gives --schedule onecycle: the tests below pass --schedule cosine
+
+
+def test_fast_recipe_fills_only_what_was_not_given() -> None:
+    cfg, given = lc.parse_config(["--recipe", "fast"])
+    assert (cfg.epochs, cfg.schedule, cfg.lr, cfg.batch_size) == (30, "cosine", 0.2, 256)
+    assert (cfg.label_smoothing, cfg.warmup_epochs, cfg.ema, cfg.nesterov, cfg.decay_norm_bias) == (
+        0.1, 2.0, 0.999, True, False,
+    )  # fmt: skip
+    assert given == {"recipe"}
+    mine, given = lc.parse_config(["--recipe", "fast", "--lr", "0.05", "--no-nesterov", "--ema", "0", "--epochs", "5"])
+    assert (mine.lr, mine.nesterov, mine.ema, mine.epochs) == (0.05, False, 0.0, 5)
+    assert mine.warmup_epochs == 1.0  # the recipe's warm-up is at most a fifth of the run
+    assert lc.parse_config(["--recipe", "fast", "--schedule", "onecycle"])[0].warmup_epochs == 0.0
+    assert lc.parse_config([])[0] == lc.Config()  # the paper's recipe: the dataclass's defaults, unchanged
+
+
+def test_fast_recipe_resumes_exactly_with_its_ema(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--recipe fast (cosine with warm-up, label smoothing, EMA, Nesterov, no decay on BN/bias) stopped after
+    epoch 1 and resumed: the model, its EMA, the momentum and the metrics equal those of a run that never
+    stopped. The EMA is what is evaluated; best.pt holds EMA weights; config.json records every ingredient."""
+    args = [*FAST, "--schedule", "cosine", "--epochs", "3"]
+    final = lc.main([*args, "--out", str(tmp_path / "straight")])
+    real_save = lc.save_checkpoint
+
+    def save_then_die(obj: dict, path: Path) -> None:
+        real_save(obj, path)
+        if path.name == "last.pt" and obj["epoch"] == 1:
+            raise _Killed
+
+    monkeypatch.setattr(lc, "save_checkpoint", save_then_die)
+    with pytest.raises(_Killed):
+        lc.main([*args, "--out", str(tmp_path / "stopped")])
+    monkeypatch.setattr(lc, "save_checkpoint", real_save)
+    assert lc.main(["--out", str(tmp_path / "stopped"), "--resume", "--no-progress"])["last_acc"] == final["last_acc"]
+
+    a, b = (torch.load(tmp_path / n / "last.pt") for n in ("straight", "stopped"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["ema"]["updates"] == b["ema"]["updates"] == 3 * (64 // 16)
+    assert all(torch.equal(a["ema"]["weights"][k], b["ema"]["weights"][k]) for k in a["ema"]["weights"])
+    assert any(not torch.equal(a["ema"]["weights"][k], a["model"][k]) for k in a["model"])
+    assert len(a["optimizer"]["state"]) == len(b["optimizer"]["state"]) > 0
+    for x, y in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
+        assert torch.equal(x["momentum_buffer"], y["momentum_buffer"])
+    assert a["optimizer"]["param_groups"][0]["nesterov"] is True
+    assert [g["weight_decay"] for g in a["optimizer"]["param_groups"]] == [5e-4, 0.0]
+
+    run = tmp_path / "straight"
+    config = json.loads((run / "config.json").read_text())
+    assert {k: config[k] for k in ("recipe", "label_smoothing", "warmup_epochs", "ema", "nesterov")} == {
+        "recipe": "fast", "label_smoothing": 0.1, "warmup_epochs": 0.6, "ema": 0.999, "nesterov": True,
+    }  # fmt: skip
+    assert config["decay_norm_bias"] is False and config["channels_last"] is True and config["bf16"] is True
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [h["test_acc_raw"] is None for h in history] == [True, True, False]  # the raw model: after the last
+    assert final["last_acc_raw"] == history[-1]["test_acc_raw"] and final["ema"] == 0.999
+    best = torch.load(run / "best.pt")
+    assert best["ema"] is True and best["test_acc"] == final["best_acc"]
+    if final["best_acc"] == final["last_acc"] and history[-1]["test_acc"] > max(h["test_acc"] for h in history[:-1]):
+        assert all(torch.equal(best["model"][k], a["ema"]["weights"][k]) for k in best["model"])
+
+
+def test_resume_refuses_to_change_an_ingredient(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    lc.main([*FAST, "--schedule", "cosine", "--epochs", "1", "--out", str(run)])
+    with pytest.raises(reuse.ReuseError, match=r"--no-nesterov \(the run has --nesterov\)"):
+        lc.main(["--out", str(run), "--resume", "--no-nesterov"])
+    with pytest.raises(reuse.ReuseError, match=r"--label-smoothing 0.2 \(the run has 0.1\)"):
+        lc.main(["--out", str(run), "--resume", "--label-smoothing", "0.2"])
+    # --no-channels-last and --no-bf16 are runtime options: a resumed run may change them
+    final = lc.main(["--out", str(run), "--resume", "--epochs", "2", "--no-channels-last", "--no-progress"])
+    assert final["epochs"] == 2 and json.loads((run / "config.json").read_text())["channels_last"] is False
+
+
+def test_ema_moves_every_weight_once_shared_ones_included() -> None:
+    """One update after every parameter and float buffer moved by +1: the average moves by exactly (1 - d),
+    the shared convolutions of a reused block too (averaging them once per use would move them twice)."""
+    model = LruNet(10, width_mult=0.25, reuse=3, in_chans=1)
+    ema = lc.WeightEMA(model, decay=0.9)
+    before = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    with torch.no_grad():
+        for t in [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]:
+            t.add_(1.0)
+    ema.update()
+    d = min(0.9, 2 / 11)
+    after = ema.module.state_dict()
+    assert model.stage2.uses[2].dw is model.stage2.uses[0].dw  # one convolution, used three times
+    assert ema.module.stage2.uses[2].dw is ema.module.stage2.uses[0].dw  # and so in the average
+    for k, v in after.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(v, before[k] + (1 - d), msg=k)
+    assert not any(p.requires_grad for p in ema.module.parameters())
+
+
+def test_no_weight_decay_on_batchnorm_and_biases() -> None:
+    model = LruNet(10, width_mult=0.25, reuse=2, in_chans=1)
+    decay, rest = lc.param_groups(model, lc.parse_config(["--recipe", "fast"])[0])
+    norms = {id(p) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters()}
+    assert not norms & {id(p) for p in decay["params"]} and norms <= {id(p) for p in rest["params"]}
+    assert id(model.classifier.bias) in {id(p) for p in rest["params"]}
+    assert len(decay["params"]) + len(rest["params"]) == len(list(model.parameters()))
+    assert (decay["weight_decay"], rest["weight_decay"]) == (5e-4, 0.0)
+    (whole,) = lc.param_groups(model, lc.parse_config([])[0])  # the paper: everything decays
+    assert len(whole["params"]) == len(list(model.parameters())) and whole["weight_decay"] == 5e-4
+
+
+def test_warmup_ramps_the_cosine() -> None:
+    cfg = lc.parse_config(["--schedule", "cosine", "--epochs", "4", "--warmup-epochs", "1", "--lr", "0.1"])[0]
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    sched = lc.make_scheduler(opt, cfg, steps_per_epoch=4)
+    lrs = []
+    for _ in range(16):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    cosine = [0.1 * 0.5 * (1 + math.cos(math.pi * s / 16)) for s in range(16)]
+    ramp = [min(1.0, (s + 1) / 4) for s in range(16)]
+    assert lrs == pytest.approx([c * r for c, r in zip(cosine, ramp, strict=True)])
+    with pytest.raises(reuse.ReuseError, match="does not go with --schedule onecycle"):
+        lc.parse_config(["--schedule", "onecycle", "--warmup-epochs", "1"])
+    with pytest.raises(reuse.ReuseError, match="must be fewer than --epochs 2"):
+        lc.parse_config(["--epochs", "2", "--warmup-epochs", "2"])
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--label-smoothing", "1"), ("--label-smoothing", "-0.1"), ("--ema", "1"), ("--ema", "nan"),
+     ("--warmup-epochs", "-1")],
+)  # fmt: skip
+def test_bad_ingredients_are_refused(
+    tmp_path: Path, option: str, value: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _no_data_load(monkeypatch)
+    line = _cli_error(monkeypatch, capsys, [*FAST, option, value, "--out", str(tmp_path / "r")])
+    assert option in line and value in line
+
+
+def test_torchrun_with_one_process_runs_ddp(tmp_path: Path) -> None:
+    """``torchrun --nproc_per_node=1`` joins a process group and trains through DDP (gloo here): the check the
+    GPU script makes of the DDP start-up on one GPU."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", str(SCRIPT)]
+    args = [*FAST, "--schedule", "cosine", "--epochs", "1", "--device", "cpu", "--out", str(tmp_path / "ddp")]
+    proc = subprocess.run([*cmd, *args], env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    final = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert final["ddp"] is True and final["device"] == "cpu x 1"
+    assert "epoch 1/1" in proc.stdout and "elapsed" in proc.stdout and "test loss" in proc.stdout
