@@ -23,7 +23,16 @@ from reuse._data import model_device
 from reuse.align import ChannelGroup, activation_similarity, assignment, hidden_groups, match_weights, permute_group
 from reuse.delta import _LowRank
 
-__all__ = ["ALIGNS", "align_blocks", "fit_layers", "fittable", "owned_copies", "run_inputs"]
+__all__ = [
+    "ALIGNS",
+    "align_blocks",
+    "fit_layers",
+    "fit_shared",
+    "fittable",
+    "owned_copies",
+    "run_inputs",
+    "weighted_low_rank",
+]
 
 ALIGNS = ("weights", "activations")
 _ROUNDS = 4  # alternations of the shared weight and the deltas
@@ -155,7 +164,7 @@ def fit_layers(
         views = [u.get_submodule(p) for u in uses]
         deltas = [v if isinstance(v, _LowRank) else None for v in views]
         shared = deltas[0].base if deltas[0] is not None else views[0]
-        _fit_one(shared, deltas, targets, moments[p])
+        fit_shared(shared, deltas, targets, moments[p])
     return paths
 
 
@@ -199,7 +208,8 @@ def _layer_rows(layer: nn.Module, x: Tensor) -> Tensor:
     return cols.permute(1, 0, 3, 2).reshape(g, -1, cols.shape[2]).double()  # (g, B*L, D)
 
 
-def _fit_one(shared: nn.Module, deltas: list[_LowRank | None], targets: list[nn.Module], covs: list[Tensor]) -> None:
+@torch.no_grad()
+def fit_shared(shared: nn.Module, deltas: list[_LowRank | None], targets: list[nn.Module], covs: list[Tensor]) -> None:
     """Solve for the shared weight and the deltas of one layer (see the module docstring)."""
     g = covs[0].shape[0]
     ws = [t.weight.detach().double().reshape(g, -1, covs[0].shape[-1]) for t in targets]  # k x (g, rows, D)
@@ -211,7 +221,7 @@ def _fit_one(shared: nn.Module, deltas: list[_LowRank | None], targets: list[nn.
         rhs = sum((w - d) @ c for w, d, c in zip(ws, ds, covs))  # (g, rows, D)
         shared_w = torch.linalg.solve(total, rhs.transpose(1, 2)).transpose(1, 2)  # (g, rows, D); C symmetric
         ds = [
-            _weighted_low_rank(w - shared_w, c, d.rank) if d is not None else torch.zeros_like(w)
+            weighted_low_rank(w - shared_w, c, d.rank) if d is not None else torch.zeros_like(w)
             for w, c, d in zip(ws, covs, deltas)
         ]
     shared.weight.copy_(shared_w.reshape(shared.weight.shape).to(shared.weight.dtype))
@@ -229,7 +239,7 @@ def _ridged(c: Tensor) -> Tensor:
     return c + _RIDGE * scale[:, None, None] * torch.eye(d, dtype=c.dtype)
 
 
-def _weighted_low_rank(diff: Tensor, cov: Tensor, rank: int) -> Tensor:
+def weighted_low_rank(diff: Tensor, cov: Tensor, rank: int) -> Tensor:
     """The rank-``rank`` matrix ``D`` minimising ``tr((diff - D) cov (diff - D)^T)``, per group."""
     vals, vecs = torch.linalg.eigh(cov)  # (g, D), (g, D, D)
     root = vals.clamp_min(vals[:, -1:] * 1e-12).sqrt()  # (g, D)

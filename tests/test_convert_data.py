@@ -1,0 +1,167 @@
+"""reuse.fx.convert with calibration data: alignment, the closed-form fit, re-estimated statistics, a budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _helpers import Residual, Snapshot, randomize
+from torch import nn
+
+import reuse
+from reuse import ReuseError
+from reuse.fx.fit import fit_shared, weighted_low_rank
+from reuse.models import LruNet
+
+
+def stack(blocks: int = 4, width: int = 8, seed: int = 0) -> nn.Sequential:
+    """A small trained-looking network: stem, ``blocks`` residual blocks of different weights, head."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Conv2d(3, width, 3, padding=1),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        *[Residual(width) for _ in range(blocks)],
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(width, 5),
+    )
+    return randomize(net).eval()
+
+
+@pytest.fixture(scope="module")
+def data() -> torch.Tensor:
+    return torch.randn(48, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+
+
+def test_full_rank_fit_is_the_model_exactly(data: torch.Tensor) -> None:
+    model = stack()
+    new, rep = reuse.fx.convert(model, data=data, delta_rank=1.0, calibrate=False, report=True)
+    (run,) = rep.converted
+    assert (run.aligned, run.fitted, run.rank) == (1, 2, 1.0)  # Residual: one hidden group, two shared convs
+    with torch.no_grad():
+        torch.testing.assert_close(new(data), model(data), rtol=1e-4, atol=1e-4)
+
+
+def test_the_model_handed_in_is_untouched(data: torch.Tensor) -> None:
+    model = stack().train()
+    snap = Snapshot.of(model)
+    reuse.fx.convert(model, data=data, delta_rank=2)
+    assert not snap.differences(model)
+
+
+def test_fitted_rank_0_is_closer_than_the_mean_on_the_calibration_data(data: torch.Tensor) -> None:
+    model = stack()
+    with torch.no_grad():
+        ref = model(data)
+        errors = {
+            init: float((reuse.fx.convert(model, data=data, init=init, calibrate=False)(data) - ref).pow(2).mean())
+            for init in ("mean", "fit")
+        }
+    assert errors["fit"] < errors["mean"], errors
+
+
+def _objective(w: torch.Tensor, targets: list[torch.Tensor], covs: list[torch.Tensor]) -> float:
+    return float(sum(torch.trace((w - t) @ c @ (w - t).T) for t, c in zip(targets, covs)))
+
+
+def test_the_shared_weight_minimises_the_calibration_error() -> None:
+    """The law behind init="fit": the fitted W minimises sum_i tr((W - W_i) C_i (W - W_i)^T); any step away
+    from it (or the mean) costs more."""
+    g = torch.Generator().manual_seed(0)
+    targets = [nn.Linear(6, 4, bias=False) for _ in range(3)]
+    xs = [torch.randn(200, 6, generator=g) * torch.rand(6, generator=g) * 3 for _ in range(3)]
+    covs = [(x.T @ x).double()[None] for x in xs]  # (1, 6, 6)
+    shared = nn.Linear(6, 4, bias=False)
+    fit_shared(shared, [None, None, None], targets, covs)
+    ws = [t.weight.detach().double() for t in targets]
+    best = _objective(shared.weight.detach().double(), ws, [c[0] for c in covs])
+    mean = _objective(torch.stack(ws).mean(0), ws, [c[0] for c in covs])
+    assert best < mean
+    for _ in range(5):
+        step = 1e-2 * torch.randn(4, 6, generator=g, dtype=torch.float64)
+        assert best <= _objective(shared.weight.detach().double() + step, ws, [c[0] for c in covs]) + 1e-9
+
+
+def test_theweighted_low_rank_delta_beats_the_plain_svd() -> None:
+    g = torch.Generator().manual_seed(0)
+    diff = torch.randn(1, 5, 7, generator=g, dtype=torch.float64)
+    x = torch.randn(300, 7, generator=g, dtype=torch.float64) * torch.logspace(-1, 1, 7, dtype=torch.float64)
+    cov = (x.T @ x)[None]  # (1, 7, 7)
+    d = weighted_low_rank(diff, cov, 2)
+    assert torch.linalg.matrix_rank(d[0]) == 2
+    u, s, vh = torch.linalg.svd(diff[0])
+    plain = (u[:, :2] * s[:2]) @ vh[:2]
+    err = lambda m: float(torch.trace((diff[0] - m) @ cov[0] @ (diff[0] - m).T))  # noqa: E731
+    assert err(d[0]) < err(plain)
+
+
+def test_running_statistics_are_re_estimated(data: torch.Tensor) -> None:
+    model = stack()
+    new, rep = reuse.fx.convert(model, data=data, report=True)
+    assert any("re-estimated on 48 calibration input(s)" in n for n in rep.notes)
+    assert rep.options["images"] == 48 and rep.options["align"] == "activations"
+    kept = reuse.fx.convert(model, data=data, calibrate=False)
+    layer = next(m for m in new.modules() if isinstance(m, reuse.LayerReuse))
+    same = next(m for m in kept.modules() if isinstance(m, reuse.LayerReuse))
+    assert not torch.allclose(layer.uses[1].bn1.running_mean, same.uses[1].bn1.running_mean)
+
+
+def test_budget_one_keeps_everything_and_a_small_budget_ties(data: torch.Tensor) -> None:
+    model = stack(blocks=4)
+    total = sum(p.numel() for p in model.parameters())
+    same, rep = reuse.fx.convert(model, data=data, budget=1.0, report=True)
+    assert rep.converted == [] and rep.params_after == total  # leaving a run as it is costs nothing
+    assert "left as it is" in rep.runs[0].skipped
+    # by hand: 4 Residual(8) blocks of 2 * (8*8*9) + 8 (conv2's bias) + 4 * 8 (two BNs) = 1,192 parameters each;
+    # tied at rank 0: one set of convs (1,160) and 4 uses' BNs (4 * 32): saves 3 * 1,160 = 3,480
+    assert total == 3 * 8 * 9 + 8 + 16 + 4 * 1192 + 8 * 5 + 5
+    new, rep = reuse.fx.convert(model, data=data, budget=(total - 3480) / total, report=True)
+    (run,) = rep.converted
+    assert run.rank == 0 and run.cost is not None and run.cost >= 0
+    assert rep.params_after == total - 3480
+    assert any(n.startswith("budget: ") and "rank 1" in n for n in rep.notes)
+
+
+def test_a_budget_that_cannot_be_met_takes_the_smallest_and_says_so(data: torch.Tensor) -> None:
+    model = stack(blocks=2)
+    new, rep = reuse.fx.convert(model, data=data, budget=0.1, report=True)
+    assert rep.converted and rep.converted[0].rank == 0
+    assert any("cannot be met" in n for n in rep.notes)
+
+
+def test_a_model_that_already_reuses_is_kept_and_calibrated() -> None:
+    torch.manual_seed(0)
+    model = randomize(LruNet(reuse=2, width_mult=0.25)).eval()
+    new, rep = reuse.fx.convert(model, data=torch.randn(8, 3, 32, 32), report=True)
+    assert rep.converted == [] and any("kept" in n for n in rep.notes)
+    assert not torch.allclose(new.stage1.uses[1].dw_bn.running_mean, model.stage1.uses[1].dw_bn.running_mean)
+    new.train()(torch.randn(2, 3, 32, 32)).sum().backward()  # and it trains
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        (dict(init="fit"), r"init='fit' needs calibration inputs"),
+        (dict(align="activations"), r"align='activations' needs calibration inputs"),
+        (dict(budget=0.5), r"budget measures each choice on calibration inputs"),
+        (dict(data=torch.randn(4, 3, 6, 6), budget=0.0), r"budget must be a fraction"),
+        (dict(data=torch.randn(4, 3, 6, 6), budget=True), r"budget must be a fraction"),
+        (dict(align="both"), r"align must be None, 'weights' or 'activations'"),
+        (dict(data=torch.randn(4, 3, 6, 6), shuffle=True), r"pass shuffle=False"),
+        (dict(data=torch.randn(4, 3, 6, 6), level="filter"), r"it takes level='layer'"),
+        (dict(data=torch.randn(4, 3, 6, 6), images=0), r"images must be a positive int"),
+        (dict(data=torch.randn(4, 3, 6, 6), calibrate="yes"), r"calibrate must be True or False"),
+        (dict(data=torch.zeros(4, 3, 6, 6, dtype=torch.uint8)), r"convert: batch 0 of data is torch.uint8"),
+    ],
+)
+def test_bad_options_are_refused(options: dict, match: str) -> None:
+    with pytest.raises(ReuseError, match=match):
+        reuse.fx.convert(stack(blocks=2), **options)
+
+
+def test_weight_alignment_without_data_and_the_old_defaults() -> None:
+    model = stack()
+    plain = reuse.fx.convert(model)
+    assert next(m for m in plain.modules() if isinstance(m, reuse.LayerReuse)).shuffle is not None  # shuffle stays on
+    _, rep = reuse.fx.convert(model, align="weights", init="mean", report=True)
+    assert rep.converted[0].aligned == 1 and rep.converted[0].fitted == 0
