@@ -197,14 +197,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     # 2. Budgets: reuse and pruning at the same parameters, then distilled alike.
     for budget in [float(b) for b in args.budgets.split(",")]:
         t0 = time.perf_counter()
-        student, rep = reuse.fx.convert(teacher, data=calib, budget=budget, example_inputs=example, report=True)
+        student, rep = reuse.fx.convert(
+            teacher, data=calib, budget=budget, example_inputs=example, calibrate=False, report=True
+        )  # the blocks' own statistics: "converted"; calibrated next (what calibrate=True does)
+        converted = acc(student)
+        student = reuse.calibrate(student, calib)
         seconds = time.perf_counter() - t0
-        raw = reuse.fx.convert(
-            teacher, data=calib, budget=budget, example_inputs=example, calibrate=False
-        )  # the same choices, the blocks' own statistics
         choices = "; ".join(_choice(r) for r in rep.runs)
-        row = Row("budget", "reuse", "-", str(budget), cf.count(student), acc(raw), acc(student), None, seconds, None,
-                  choices)  # fmt: skip
+        row = Row("budget", "reuse", "-", str(budget), cf.count(student), converted, acc(student), None, seconds,
+                  None, choices)  # fmt: skip
         row.acc_distilled, row.distill_s = _distil(student, teacher, data, args)
         rows.append(row)
         _say(row)

@@ -2,8 +2,8 @@
 
 Each run's options are: left as it is, or tied with a delta rank from :data:`RANKS` (capped at the layers' full
 rank). The cost of an option is measured, not guessed: the run alone is tied that way (every other run as it
-is), the running statistics are re-estimated on the calibration inputs, and the cost is the mean KL divergence
-of the network's output from the original network's on those inputs (unlabeled: the original network is the
+is), the running statistics are re-estimated on the first :data:`COST_IMAGES` calibration inputs, and the cost is
+the mean KL divergence of the network's output from the original network's on those inputs (unlabeled: the original network is the
 reference). Costs of different runs are taken to add up, and the cheapest combination whose parameters fit the
 budget is chosen: exhaustively when the combinations are few, else greedily (from every run at its smallest,
 the upgrade that buys the most cost per parameter first).
@@ -28,9 +28,10 @@ from reuse.delta import full_rank
 from reuse.fx.find import _Found, _Options
 from reuse.fx.swap import _build
 
-__all__ = ["RANKS", "choose", "output_cost"]
+__all__ = ["COST_IMAGES", "RANKS", "choose", "output_cost"]
 
 RANKS = (0, 1, 2, 4, 8, 16, 32)  # the delta ranks a budget chooses from
+COST_IMAGES = 512  # calibration inputs each option is measured on (fits and the final calibration use them all)
 _EXHAUSTIVE = 200_000  # most combinations searched exhaustively
 
 
@@ -70,6 +71,7 @@ def choose(
     parameters at the least measured cost; each run's ``cost`` is set to its chosen option's cost."""
     total = sum(p.numel() for p in model.parameters())
     limit = budget * total
+    batches = _first(batches, COST_IMAGES)
     reference = _outputs(model, batches)
     options: dict[int, list[tuple[int | None, int, float]]] = {}  # run -> [(rank, params saved, cost)]
     for f in todo:
@@ -98,6 +100,16 @@ def choose(
         )
     )  # fmt: skip
     return {id(f): p[0] for f, p in zip(todo, picks)}
+
+
+def _first(batches: list[Tensor], images: int) -> list[Tensor]:
+    out, seen = [], 0
+    for b in batches:
+        if seen >= images:
+            break
+        out.append(b[: images - seen])
+        seen += out[-1].shape[0]
+    return out
 
 
 def _ranks(block: nn.Module) -> list[int]:
