@@ -153,7 +153,8 @@ def run_model(name: str, samples: list[str], out: Path, options: dict, resnet_st
         )
         seconds = time.perf_counter() - start
         acc = ort_accuracy(report.path, x_test, y_test)
-        worst = min(report.coverage, key=lambda g: g.held_out) if getattr(report, "coverage", None) else None
+        settled = [c for c in report.coverage if c.stable is not None]
+        worst = min(settled, key=lambda c: c.stable) if settled else None
         rows.append(
             {
                 "model": name,
@@ -165,7 +166,7 @@ def run_model(name: str, samples: list[str], out: Path, options: dict, resnet_st
                 "quantize s": seconds,
                 "warnings": len(getattr(report, "warnings", [])),
                 "centred": next((n.split(":")[1].split("(")[0].strip() for n in report.notes if "kept" in n), ""),
-                "worst held-out coverage": None if worst is None else f"{worst.name}: {100 * worst.held_out:.2f}%",
+                "least stable group": None if worst is None else f"{worst.group}: {worst.stable:.2f}",
             }
         )
         print(f"  {s}: int8 {acc:.2f}% (drop {fp32_acc - acc:+.2f}), {seconds:.0f} s", flush=True)

@@ -874,6 +874,7 @@ def _group(node_name: str) -> str:
 
 _STABLE_WARN = 0.8  # a group whose ranges still grow by more than 1/0.8 - 1 = 25% from half the data to all
 _CLASSES_WARN = 0.5  # calibration predicted as fewer than half of the output classes
+_TOP_CLASS_WARN = 0.5  # or (4 classes or more) more than half of it as one class
 
 
 def _coverage(model_proto: Any, batches: list[Any]) -> tuple[list[CalibrationCoverage], list[str]]:
@@ -931,10 +932,14 @@ def _coverage(model_proto: Any, batches: list[Any]) -> tuple[list[CalibrationCov
         seen = len(np.unique(predicted))
         dim = session.get_outputs()[names.index(final)].shape[1]
         total = dim if isinstance(dim, int) and dim > 1 else int(predicted.max()) + 1
-        if seen < _CLASSES_WARN * total:
+        counts = np.bincount(predicted, minlength=total)  # (K,)
+        top = int(counts.argmax())
+        share = float(counts[top]) / len(predicted)
+        if seen < _CLASSES_WARN * total or (total >= 4 and share > _TOP_CLASS_WARN):
             warns.append(
-                f"the calibration inputs are predicted as {seen} of the {total} classes: a skewed sample "
-                "(e.g. the first images of a class-sorted set); calibrate on a random sample of the training set"
+                f"the calibration inputs are predicted as {seen} of the {total} classes, {share:.0%} as class {top}: "
+                "a skewed sample (e.g. the first images of a class-sorted set); calibrate on a random sample of "
+                "the training set"
             )
     return report, warns
 
