@@ -107,7 +107,7 @@ def deploy_one(checkpoint: Path, data_dir: Path, out: Path, compile_: bool, roun
     stem = checkpoint.stem
     fp32 = reuse.deploy.export_onnx(model, out / f"{stem}.onnx", torch.from_numpy(x_test[:1]))
     int8 = reuse.deploy.quantize_onnx(
-        fp32.path, out / f"{stem}.int8.onnx", [calibration[i : i + 64] for i in range(0, 512, 64)]
+        fp32.path, out / f"{stem}.int8.onnx", [calibration[i : i + 64] for i in range(0, 512, 64)], input_range=(0, 1)
     )
     print(fp32, int8, sep="\n", flush=True)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -262,6 +263,108 @@ def test_int8_per_tensor_weights_cannot_share_and_say_so(small_int8: tuple, tmp_
     batches = [torch.rand(8, 1, 28, 28) for _ in range(2)]
     report = reuse.deploy.quantize_onnx(fp32, tmp_path / "pt.onnx", batches, per_channel=False)
     assert any("cannot share" in note for note in report.notes)
+
+
+@pytest.mark.parametrize(
+    ("batch", "options", "message"),
+    [
+        (np.zeros((4, 1, 28, 28), np.uint8), {}, r"dtype uint8 and shape \(4, 1, 28, 28\).*images.float\(\) / 255"),
+        (
+            np.zeros((4, 28, 28), np.float32),
+            {},
+            r"shape \(4, 28, 28\), the model's input is \(n, 1, 28, 28\).*\[:, None\]",
+        ),
+        (np.full((4, 1, 28, 28), 200.0, np.float32), {}, r"whole numbers from 200 to 200: raw 0-255 pixels"),
+        (np.full((4, 1, 28, 28), 1.5, np.float32), {"input_range": (0, 1)}, r"span \[1.5, 1.5\], outside input_range"),
+        (np.full((4, 1, 28, 28), np.nan, np.float32), {}, r"NaN or infinite"),
+    ],
+    ids=["uint8", "no-channel-axis", "0-255", "outside-input_range", "nan"],
+)
+def test_int8_calibration_of_the_wrong_kind_is_refused(
+    small_int8: tuple, tmp_path: Path, batch: np.ndarray, options: dict, message: str
+) -> None:
+    _, fp32, _, _ = small_int8
+    with pytest.raises(reuse.ReuseError, match=r"^quantize_onnx\(fp32.onnx\): calibration .*" + message):
+        reuse.deploy.quantize_onnx(fp32, tmp_path / "q.onnx", [batch], **options)
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_int8_whole_number_inputs_pass_with_their_input_range(small_int8: tuple, tmp_path: Path) -> None:
+    _, fp32, _, _ = small_int8
+    pixels = np.random.default_rng(0).integers(0, 256, (8, 1, 28, 28)).astype(np.float32)  # a 0-255 model's inputs
+    with pytest.warns(UserWarning):  # the random model predicts one class: the skew warning, not an error
+        report = reuse.deploy.quantize_onnx(fp32, tmp_path / "q.onnx", [pixels], input_range=(0, 255), center=False)
+    assert (tmp_path / "q.onnx").is_file() and report.coverage
+
+
+def test_int8_report_covers_each_run_of_reused_blocks(small_int8: tuple) -> None:
+    model, _, _, report = small_int8
+    groups = {c.group: c for c in report.coverage}
+    runs = [f"stage{k}/uses.*" for k in range(1, len(model.stages) + 1)]
+    assert set(runs) <= set(groups), sorted(groups)
+    for name in runs:  # per use: dw and pw conv, their Add (residual) and Relu, and the shuffle's Gather
+        c = groups[name]
+        assert c.tensors >= 3 * model.reuse, str(c)
+        assert c.low <= 0 <= c.high and 0 < c.stable <= 1 and 0 <= c.constant <= 1
+    assert "stage1/uses.*:" in str(report) and "coverage" in str(report)
+
+
+def test_int8_warns_when_the_ranges_still_grow_and_when_one_class_is_predicted(
+    small_int8: tuple, tmp_path: Path
+) -> None:
+    _, fp32, _, _ = small_int8
+    generator = torch.Generator().manual_seed(3)
+    batches = [0.05 * torch.rand(8, 1, 28, 28, generator=generator) for _ in range(7)]
+    batches.append(torch.rand(8, 1, 28, 28, generator=generator))  # odd batch 7: only half the data sees it
+    with pytest.warns(UserWarning) as caught:
+        report = reuse.deploy.quantize_onnx(fp32, tmp_path / "q.onnx", batches, center=False)
+    messages = [str(w.message) for w in caught]
+    assert any("covers stage1/uses.* poorly" in m for m in messages), messages
+    assert any("predicted as 1 of the 10 classes" in m for m in messages), messages
+    assert report.warnings == [m.split(": ", 1)[1] for m in messages]
+    assert min(c.stable for c in report.coverage) < 0.8
+
+
+def test_int8_center_auto_keeps_the_variant_closer_to_fp32(small_int8: tuple) -> None:
+    _, _, _, report = small_int8  # quantized with the defaults: center="auto"
+    note = next(n for n in report.notes if n.startswith("center='auto'"))
+    errors = dict(
+        (part.rsplit(" ", 1)[0].strip(), float(part.rsplit(" ", 1)[1]))
+        for part in note.split("error ")[1].rstrip(")").split(", ")
+    )
+    kept = note.split("kept ")[1].split(" (")[0]
+    assert errors[kept] == min(errors.values()), note
+
+
+@pytest.mark.shared
+@pytest.mark.heavy
+def test_int8_of_the_authors_1_lrunet_does_not_depend_on_the_calibration_sample(tmp_path: Path) -> None:
+    """The authors' 1-LruNet on Fashion-MNIST (2,000 real test images; measured about 40 s on one loaded core):
+    the first 512 training images, a random 64, and 512 of one class (which warns) all stay within 0.5 points."""
+    shared = Path(os.environ.get("REUSE_SHARED") or Path(__file__).resolve().parents[1].parent / "shared")
+    checkpoint = shared / "pretrained" / "lrunet-official" / "fashionmnist-lru1-ckpt-09117.t7"
+    if not (checkpoint.is_file() and (shared / "data" / "fashion_mnist" / "train.npz").is_file()):
+        pytest.skip(f"needs {checkpoint} and Fashion-MNIST in {shared / 'data'} (set REUSE_SHARED)")
+    train, test = (np.load(shared / "data" / "fashion_mnist" / f"{s}.npz") for s in ("train", "test"))
+    x_train = train["images"][:, None].astype(np.float32) / 255  # (60000, 1, 28, 28), [0, 1] as the authors
+    x_test, y_test = test["images"][:2000, None].astype(np.float32) / 255, test["labels"][:2000]
+    model = reuse.models.load_official(checkpoint)
+    reuse.deploy.export_onnx(model, tmp_path / "fp32.onnx", torch.from_numpy(x_test[:1]))
+    fp32 = (ort_run(tmp_path / "fp32.onnx", torch.from_numpy(x_test)).argmax(1) == y_test).mean()
+    samples = {
+        "first512": np.arange(512),
+        "random64": np.random.default_rng(0).choice(len(x_train), 64, replace=False),
+        "class0": np.flatnonzero(train["labels"] == 0)[:512],
+    }
+    for name, index in samples.items():
+        images = x_train[index]
+        batches = [images[i : i + 64] for i in range(0, len(images), 64)]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            reuse.deploy.quantize_onnx(tmp_path / "fp32.onnx", tmp_path / "q.onnx", batches, input_range=(0, 1))
+        int8 = (ort_run(tmp_path / "q.onnx", torch.from_numpy(x_test)).argmax(1) == y_test).mean()
+        assert fp32 - int8 <= 0.005, f"{name}: int8 {int8:.2%} against fp32 {fp32:.2%}"
+        assert any("predicted as" in str(w.message) for w in caught) == (name == "class0"), name
 
 
 # ---------------------------------------------------------------------------------------------- ExecuTorch
