@@ -3,10 +3,10 @@
 Each run's options are: left as it is, or tied with a delta rank from :data:`RANKS` (capped at the layers' full
 rank). The cost of an option is measured, not guessed: the run alone is tied that way (every other run as it
 is), the running statistics are re-estimated on the first :data:`COST_IMAGES` calibration inputs, and the cost is
-the mean KL divergence of the network's output from the original network's on those inputs (unlabeled: the original network is the
-reference). Costs of different runs are taken to add up, and the cheapest combination whose parameters fit the
-budget is chosen: exhaustively when the combinations are few, else greedily (from every run at its smallest,
-the upgrade that buys the most cost per parameter first).
+the mean KL divergence of the network's output from the original network's on those inputs (unlabeled: the
+original network is the reference). Costs of different runs are taken to add up, and the cheapest combination
+whose parameters fit the budget is chosen: exhaustively when the combinations are few, else greedily (from every
+run at its cheapest, the step that saves the most parameters per unit of cost first).
 """
 
 from __future__ import annotations
