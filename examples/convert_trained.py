@@ -5,9 +5,9 @@ One file, read top to bottom. On a trained teacher (``examples/convert_finetune.
 or a MobileNetV2-style network on the CIFAR-10 copy), with 2,000 unlabeled training images and no gradient step:
 
 1. What each step buys, at delta rank 0 (plain reuse) and 4: ``convert(init="mean")`` as before; then
-   ``reuse.calibrate`` (each use's BatchNorm re-estimated); then weight-matched channels; then the default with
-   data, ``convert(data=...)``: activation-matched channels, shared weights and deltas fitted in closed form,
-   statistics re-estimated.
+   ``reuse.calibrate`` (each use's BatchNorm re-estimated); then weight-matched channels; then shared weights and
+   deltas fitted in closed form on the data, after activation-matched channels, and after weight-matched ones (the
+   default of ``convert(data=...)``), statistics re-estimated.
 2. Budgets: ``convert(data=..., budget=b)`` for b in ``--budgets`` (which runs to tie, at which rank, measured),
    and Torch-Pruning (``pip install torch-pruning``; L2 magnitude of coupled channel groups, a uniform ratio found
    by bisection to the same parameter count or fewer) on the same teacher; both re-estimate their BatchNorms on
@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             ("mean (as before)", dict(init="mean", shuffle=False), False),
             ("mean + calibrate", dict(init="mean", shuffle=False), True),
             ("weight-aligned mean + calibrate", dict(init="mean", shuffle=False, align="weights"), True),
-            ("activation-aligned fit + calibrate", dict(data=calib), True),
+            ("activation-aligned fit + calibrate", dict(data=calib, align="activations"), True),
+            ("weight-aligned fit + calibrate (the default with data)", dict(data=calib), True),
         ]
         for name, options, calibrated in steps:
             t0 = time.perf_counter()

@@ -99,7 +99,7 @@ def test_running_statistics_are_re_estimated(data: torch.Tensor) -> None:
     model = stack()
     new, rep = reuse.fx.convert(model, data=data, report=True)
     assert any("re-estimated on 48 calibration input(s)" in n for n in rep.notes)
-    assert rep.options["images"] == 48 and rep.options["align"] == "activations"
+    assert rep.options["images"] == 48 and rep.options["align"] == "weights"
     kept = reuse.fx.convert(model, data=data, calibrate=False)
     layer = next(m for m in new.modules() if isinstance(m, reuse.LayerReuse))
     same = next(m for m in kept.modules() if isinstance(m, reuse.LayerReuse))

@@ -20,8 +20,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reuse._data import model_device
-from reuse.align import ChannelGroup, activation_similarity, assignment, hidden_groups, match_weights, permute_group
+from reuse.align import (
+    ChannelGroup,
+    _LeafTracer,
+    activation_similarity,
+    assignment,
+    hidden_groups,
+    match_weights,
+    permute_group,
+)
 from reuse.delta import _LowRank
+from reuse.layer import is_batchnorm
 
 __all__ = [
     "ALIGNS",
@@ -159,13 +168,33 @@ def fit_layers(
     if missing:
         cache.update(_input_moments(blocks, missing, inputs))
     moments = cache
+    norms = norm_after(blocks[0], paths)
     for p in paths:
         targets = [b.get_submodule(p) for b in blocks]
         views = [u.get_submodule(p) for u in uses]
         deltas = [v if isinstance(v, _LowRank) else None for v in views]
         shared = deltas[0].base if deltas[0] is not None else views[0]
-        fit_shared(shared, deltas, targets, moments[p])
+        after = [u.get_submodule(norms[p]) for u in uses] if norms.get(p) else None
+        fit_shared(shared, deltas, targets, moments[p], after)
     return paths
+
+
+def norm_after(block: nn.Module, paths: Sequence[str]) -> dict[str, str]:
+    """``{path: norm path}`` for each layer whose output goes to a BatchNorm and nowhere else (in ``block``'s graph):
+    such a layer's output may be fitted up to a scale per channel, which the norm takes back."""
+    try:
+        graph = _LeafTracer().trace(block)
+    except Exception:
+        return {}
+    modules = dict(block.named_modules())
+    out = {}
+    for node in graph.nodes:
+        if node.op == "call_module" and node.target in paths and len(node.users) == 1:
+            (user,) = node.users
+            m = modules.get(user.target) if user.op == "call_module" else None
+            if m is not None and is_batchnorm(m) and user.args == (node,):
+                out[node.target] = user.target
+    return out
 
 
 @torch.no_grad()
@@ -209,11 +238,29 @@ def _layer_rows(layer: nn.Module, x: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def fit_shared(shared: nn.Module, deltas: list[_LowRank | None], targets: list[nn.Module], covs: list[Tensor]) -> None:
-    """Solve for the shared weight and the deltas of one layer (see the module docstring)."""
+def fit_shared(
+    shared: nn.Module,
+    deltas: list[_LowRank | None],
+    targets: list[nn.Module],
+    covs: list[Tensor],
+    norms: list[nn.Module] | None = None,
+) -> None:
+    """Solve for the shared weight and the deltas of one layer (see the module docstring). With ``norms`` (use
+    ``i``'s BatchNorm right after the layer), each block's output channels are first scaled to the same size on
+    its inputs (a BatchNorm makes a channel's scale arbitrary: what matters is its direction), and each use's norm
+    statistics are scaled alike, so the use computes what its block did wherever the fit is exact."""
     g = covs[0].shape[0]
     ws = [t.weight.detach().double().reshape(g, -1, covs[0].shape[-1]) for t in targets]  # k x (g, rows, D)
     covs = [_ridged(c) for c in covs]
+    scales = [torch.ones(w.shape[0] * w.shape[1], dtype=torch.float64) for w in ws]  # (O,) per block
+    if norms is not None and len({id(n) for n in norms}) < len(norms):
+        norms = None  # one norm for several uses: its statistics cannot follow each use's scale
+    if norms is not None and all(t.bias is None for t in targets):
+        sizes = torch.stack(
+            [torch.einsum("grd,gde,gre->gr", w, c, w).clamp_min(1e-30).sqrt().flatten() for w, c in zip(ws, covs)]
+        )  # (k, O)
+        scales = list(sizes / sizes.mean(0, keepdim=True))  # k x (O,): block i's channel sizes against the mean
+        ws = [w / s.reshape(w.shape[0], w.shape[1], 1) for w, s in zip(ws, scales)]
     total = torch.stack(covs).sum(0)  # (g, D, D)
     ds = [torch.zeros_like(w) for w in ws]
     rounds = _ROUNDS if any(d is not None for d in deltas) else 1
@@ -231,6 +278,11 @@ def fit_shared(shared: nn.Module, deltas: list[_LowRank | None], targets: list[n
         if d is not None:
             bias = t.bias.detach() - shared.bias if (shared.bias is not None and t.bias is not None) else None
             d.set_delta(diff.reshape(shared.weight.shape), bias)  # exact: diff is of rank d.rank already
+    if norms is not None and all(t.bias is None for t in targets):
+        for norm, scale in zip(norms, scales):  # the norm sees its channels divided by ``scale``: so its statistics
+            scale = scale.to(norm.running_mean)
+            norm.running_mean.div_(scale)
+            norm.running_var.div_(scale**2)
 
 
 def _ridged(c: Tensor) -> Tensor:
