@@ -288,7 +288,8 @@ def convert(
         align: put each block's hidden channels (found from its graph: see :mod:`reuse.align`) in the order of
             the run's first block before tying: ``"weights"`` (weight matching, no data) or ``"activations"``
             (correlation on ``data``); None (the default) is ``"weights"`` with ``data`` (measured better than
-            ``"activations"`` on a trained ResNet-32: see docs/convert.md), no alignment without. A permutation of hidden channels never changes what a block computes.
+            ``"activations"`` on a trained ResNet-32: see docs/convert.md), no alignment without. A permutation of
+            hidden channels never changes what a block computes.
         budget: with ``data``: the fraction of the model's parameters the result may keep, in (0, 1]; each run is
             tied, with a delta rank, or left as it is, as measured on ``data`` (see :mod:`reuse.fx.budget`);
             the report gives each run's choice and its measured cost.
