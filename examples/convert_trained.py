@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the teacher and its training: convert_finetune.py
@@ -64,8 +65,8 @@ class InvertedResidual(nn.Module):
         self.residual = stride == 1 and c_in == c_out
 
     def forward(self, x: Tensor) -> Tensor:
-        y = torch.relu6(self.bn1(self.expand(x)))  # (B, hidden, H, W)
-        y = torch.relu6(self.bn2(self.dw(y)))  # (B, hidden, H/s, W/s)
+        y = F.relu6(self.bn1(self.expand(x)))  # (B, hidden, H, W)
+        y = F.relu6(self.bn2(self.dw(y)))  # (B, hidden, H/s, W/s)
         y = self.bn3(self.project(y))  # (B, C_out, H/s, W/s)
         return x + y if self.residual else y
 
