@@ -46,7 +46,7 @@ from reuse.fx import ConversionReport, convert, find_runs
 from reuse.kernel import KernelBank, KernelReuseConv2d, kernel_reuse
 from reuse.layer import LayerReuse, is_batchnorm, is_norm, wrap
 from reuse.optimize import optimize_for_inference
-from reuse.profile import Profile, profile
+from reuse.profiling import Profile, profile
 from reuse.shuffle import ChannelShuffle, channel_shuffle, shuffle_permutation
 
 __version__ = "0.1.0"

@@ -167,3 +167,15 @@ def test_inputs_the_model_cannot_take_are_reuse_errors(model: nn.Module, size: o
     with pytest.raises(reuse.ReuseError, match=match):
         reuse.profile(model, size)
     assert model.training  # the mode is restored after the failing forward
+
+
+def test_the_function_does_not_hide_its_module() -> None:
+    """``reuse.profile`` is the function; its module is ``reuse.profiling`` (and ``reuse.calibrate`` the function of
+    ``reuse.calibration``), so ``import reuse.profiling`` and the attribute never fight."""
+    import importlib
+
+    import reuse
+
+    assert callable(reuse.profile) and reuse.profile.__module__ == "reuse.profiling"
+    assert importlib.import_module("reuse.profiling").profile is reuse.profile
+    assert reuse.calibrate.__module__ == "reuse.calibration"
