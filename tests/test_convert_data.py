@@ -147,6 +147,7 @@ def test_a_model_that_already_reuses_is_kept_and_calibrated() -> None:
         (dict(data=torch.randn(4, 3, 6, 6), budget=0.0), r"budget must be a fraction"),
         (dict(data=torch.randn(4, 3, 6, 6), budget=True), r"budget must be a fraction"),
         (dict(align="both"), r"align must be None, 'weights' or 'activations'"),
+        (dict(data=torch.randn(4, 3, 6, 6), budget=0.5, delta_rank=2), r"budget chooses each run's delta rank"),
         (dict(data=torch.randn(4, 3, 6, 6), shuffle=True), r"pass shuffle=False"),
         (dict(data=torch.randn(4, 3, 6, 6), level="filter"), r"it takes level='layer'"),
         (dict(data=torch.randn(4, 3, 6, 6), images=0), r"images must be a positive int"),

@@ -328,6 +328,10 @@ def convert(
     opts = _options(min_run, shuffle, groups, init, per_use, leaf_modules, example_inputs, level)
     check_bools("convert", inplace=inplace, report=report, calibrate=calibrate)
     batches, align = _data_options(data, images, align, init, shuffle, budget, level)
+    if budget is not None and delta_rank:
+        raise ReuseError(
+            f"convert: budget chooses each run's delta rank itself; leave delta_rank out (got {delta_rank!r})"
+        )
     opts.delta_rank = check_rank(delta_rank, "convert")
     if delta_rank and level != "layer":
         raise ReuseError(
