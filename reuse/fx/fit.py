@@ -13,7 +13,7 @@ re-estimates the running statistics of the network as converted.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -102,26 +102,15 @@ def _hidden_moments(blocks: Sequence[nn.Module], groups: Sequence[ChannelGroup],
         for j, g in enumerate(groups):
             consumer = block.get_submodule(g.consumers[0])
             hooks.append(consumer.register_forward_pre_hook(lambda _m, a, i=i, j=j: hidden[j].__setitem__(i, a[0])))
-    modes = [(m, m.training) for b in blocks for m in b.modules()]
-    try:
-        for b in blocks:
-            b.eval()
-        for x in inputs:
-            for b in blocks:
-                x = b(x)
-            for j, g in enumerate(groups):
-                rows = [_rows(h, g.layout) for h in hidden[j]]  # k x (samples, C)
-                a = acc[j]
-                a["n"] += rows[0].shape[0]
-                for i in range(k):
-                    a["cross"][i] = a["cross"][i] + rows[i].T @ rows[0]  # (C, C)
-                    a["s"][i] = a["s"][i] + rows[i].sum(0)
-                    a["s2"][i] = a["s2"][i] + (rows[i] ** 2).sum(0)
-    finally:
-        for h in hooks:
-            h.remove()
-        for m, mode in modes:
-            m.training = mode
+    for _ in _chain(blocks, inputs, hooks):  # after each batch has gone through every block
+        for j, g in enumerate(groups):
+            rows = [_rows(h, g.layout) for h in hidden[j]]  # k x (samples, C)
+            a = acc[j]
+            a["n"] += rows[0].shape[0]
+            for i in range(k):
+                a["cross"][i] = a["cross"][i] + rows[i].T @ rows[0]  # (C, C)
+                a["s"][i] = a["s"][i] + rows[i].sum(0)
+                a["s2"][i] = a["s2"][i] + (rows[i] ** 2).sum(0)
     out = []
     for a in acc:
         n = a["n"]
@@ -212,19 +201,28 @@ def _input_moments(blocks: Sequence[nn.Module], paths: Sequence[str], inputs: Se
                 out[p][i] = out[p][i] + rows.transpose(1, 2) @ rows  # (g, D, D)
 
             hooks.append(layer.register_forward_pre_hook(grab))
+    for _ in _chain(blocks, inputs, hooks):
+        pass
+    return out
+
+
+def _chain(blocks: Sequence[nn.Module], inputs: Sequence[Tensor], hooks: list) -> Iterator[None]:
+    """Feed each batch through the blocks in turn (eval mode, no grad), yielding after each; then remove ``hooks``
+    and give every module its mode back."""
     modes = [(m, m.training) for b in blocks for m in b.modules()]
     try:
         for b in blocks:
             b.eval()
-        for x in inputs:
-            for b in blocks:
-                x = b(x)
+        with torch.no_grad():
+            for x in inputs:
+                for b in blocks:
+                    x = b(x)
+                yield
     finally:
         for h in hooks:
             h.remove()
         for m, mode in modes:
             m.training = mode
-    return out
 
 
 def _layer_rows(layer: nn.Module, x: Tensor) -> Tensor:
