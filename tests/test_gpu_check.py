@@ -74,8 +74,8 @@ def test_cpu_mode_runs_every_part(tmp_path: Path) -> None:
 
 @pytest.mark.heavy
 def test_the_cap_stops_the_grid_and_returns_what_it_reached(tmp_path: Path) -> None:
-    """A grid cap of 70 s against 300-epoch runs (which no machine finishes in 70 s): the grid is stopped (exit 124), its runs' epochs so far are in
-    the status lines, their checkpoints come back in unfinished_runs.tar, and the other parts still run."""
+    """A grid cap of 70 s against 300-epoch runs (no machine finishes them in 70 s): the grid is stopped (exit
+    124), whatever its runs reached comes back (their checkpoints in unfinished_runs.tar), and the script ends."""
     proc, out, _ = _run(tmp_path, GPU_CHECK_GRID_CAP="70", GPU_CHECK_GRID_EXTRA="--epochs 300")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     _returned(out)
