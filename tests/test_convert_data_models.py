@@ -1,0 +1,75 @@
+"""convert(data=...) the way users combine it: timm models of several block types, then training, inference-mode
+evaluation and ONNX export of the result."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from _helpers import Snapshot, randomize
+from torch import nn
+
+import reuse
+
+# timm models whose stages hold runs of equal blocks, and the block type each run must have.
+TIMM = {
+    "resnet18": "BasicBlock",  # layer1: two BasicBlocks of one shape
+    "mobilenetv2_050": "InvertedResidual",  # expansion, depthwise, projection: the hidden group goes through dw
+}
+
+
+def trained_looking(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    return randomize(timm.create_model(name, num_classes=7)).eval()
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.randn(24, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("name", TIMM)
+def test_a_timm_model_at_full_rank_is_kept_exactly(name: str, images: torch.Tensor) -> None:
+    """Aligned, fitted and with full-rank deltas, each use is its block again: the outputs do not change."""
+    model = trained_looking(name)
+    snap = Snapshot.of(model)
+    new, rep = reuse.fx.convert(model, data=images, delta_rank=1.0, calibrate=False, report=True)
+    assert rep.converted and {r.block_type for r in rep.converted} == {TIMM[name]}
+    assert all(r.aligned >= 1 and r.fitted >= 2 for r in rep.converted), rep.converted
+    with torch.no_grad():
+        torch.testing.assert_close(new(images), model(images), rtol=1e-3, atol=1e-3)
+    assert not snap.differences(model)
+
+
+@pytest.mark.parametrize("name", TIMM)
+def test_a_timm_model_at_rank_0_is_closer_with_the_data_than_without(name: str, images: torch.Tensor) -> None:
+    model = reuse.calibrate(trained_looking(name), images)  # its statistics those of the data, as after training
+    with torch.no_grad():
+        ref = model(images)
+        errors = {
+            "mean": float((reuse.fx.convert(model, init="mean", shuffle=False)(images) - ref).pow(2).mean()),
+            "data": float((reuse.fx.convert(model, data=images)(images) - ref).pow(2).mean()),
+        }
+    assert errors["data"] < errors["mean"], errors
+
+
+def test_trained_after_conversion_then_exported_to_onnx(images: torch.Tensor, tmp_path) -> None:
+    """convert(data=) -> a training step -> inference-mode evaluation -> ONNX: the file computes the trained model."""
+    pytest.importorskip("onnx", reason="export needs onnx (pip install 'torch-reuse[deploy]')")
+    ort = pytest.importorskip("onnxruntime", reason="the check runs the file in onnxruntime")
+    model = reuse.calibrate(trained_looking("resnet18"), images)
+    student = reuse.fx.convert(model, data=images, delta_rank=2).train()
+    before = [p.detach().clone() for p in student.parameters()]
+    opt = torch.optim.SGD(student.parameters(), lr=0.05)
+    loss = nn.functional.cross_entropy(student(images), torch.arange(len(images)) % 7)
+    loss.backward()
+    opt.step()
+    assert any(not torch.equal(a, p) for a, p in zip(before, student.parameters())), "the step changed nothing"
+    student.eval()
+    with torch.inference_mode():
+        expected = student(images[:4])
+    report = reuse.deploy.export_onnx(student, tmp_path / "student.onnx", images[:1])
+    session = ort.InferenceSession(str(tmp_path / "student.onnx"), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: images[:4].numpy()})
+    torch.testing.assert_close(torch.from_numpy(got), expected, rtol=1e-3, atol=1e-3)
+    assert report.param_bytes < 4 * sum(p.numel() for p in model.parameters())  # the shared weights once
