@@ -136,8 +136,10 @@ def augment(x: Tensor, g: torch.Generator) -> Tensor:
 @torch.no_grad()
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch: int = 1000) -> float:
     model.eval()
+    dev = next(model.parameters()).device  # the batches go where the model is
     correct = sum(
-        int((model(to_float(x[i : i + batch])).argmax(1) == y[i : i + batch]).sum()) for i in range(0, len(y), batch)
+        int((model(to_float(x[i : i + batch].to(dev))).argmax(1).cpu() == y[i : i + batch]).sum())
+        for i in range(0, len(y), batch)
     )
     return correct / len(y)
 
@@ -156,6 +158,7 @@ def train(
     """SGD with momentum, one-cycle schedule. With ``teacher``: distillation, ``alpha * T^2 * KL(teacher_T ||
     student_T) + (1 - alpha) * CE``. Returns the training time in seconds."""
     g = torch.Generator().manual_seed(seed)
+    dev = next(model.parameters()).device
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     steps = epochs * math.ceil(len(data.train_y) / batch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.25)
@@ -168,6 +171,7 @@ def train(
         for i in range(0, len(order), batch):
             idx = order[i : i + batch]
             x, y = to_float(augment(data.train_x[idx], g)), data.train_y[idx]  # (B, 1, 28, 28), (B,)
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)  # where the model is
             logits = model(x)  # (B, 10)
             loss = F.cross_entropy(logits, y)
             if teacher is not None:

@@ -147,6 +147,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-pruning", dest="pruning", action="store_false", help="leave Torch-Pruning out")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.1, help="teacher's peak lr (distillation: a tenth)")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where the teacher is trained and students distilled, e.g. "
+        "cuda (conversion and calibration run on the CPU; default: %(default)s)",
+    )
+    p.add_argument("--teacher-only", action="store_true", help="stop once the teacher is trained and cached")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -165,6 +172,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     print(f"data: {len(data.train_y)} train, {len(data.test_y)} test images from {folder}", flush=True)
 
     teacher, teacher_acc = _teacher(args, data, chans)
+    if args.teacher_only:
+        return []
     total = cf.count(teacher)
     g = torch.Generator().manual_seed(args.seed + 7)
     calib = cf.to_float(data.train_x[torch.randperm(len(data.train_y), generator=g)[: args.calibration_images]])
@@ -251,7 +260,8 @@ def _teacher(args: argparse.Namespace, data: cf.Data, chans: int) -> tuple[nn.Mo
         teacher.load_state_dict(torch.load(cache, map_location="cpu", weights_only=True)["model"])
         print(f"teacher: loaded {cache}", flush=True)
     else:
-        seconds = cf.train(teacher, data, args.teacher_epochs, args.lr, args.batch_size, args.seed)
+        seconds = cf.train(teacher.to(args.device), data, args.teacher_epochs, args.lr, args.batch_size, args.seed)
+        teacher.cpu()
         tmp = cache.with_suffix(f".{os.getpid()}.tmp")
         torch.save({"model": teacher.state_dict(), "time_s": seconds}, tmp)
         os.replace(tmp, cache)
@@ -271,8 +281,11 @@ def _distil(student: nn.Module, teacher: nn.Module, data: cf.Data, args: argpars
     if args.epochs <= 0:
         return None, None
     torch.manual_seed(args.seed)
+    student, teacher = student.to(args.device), teacher.to(args.device)
     seconds = cf.train(student, data, args.epochs, args.lr / 10, args.batch_size, args.seed, teacher=teacher)
-    return cf.evaluate(student, data.test_x, data.test_y), seconds
+    acc = cf.evaluate(student, data.test_x, data.test_y)
+    student.cpu(), teacher.cpu()
+    return acc, seconds
 
 
 def _say(r: Row) -> None:

@@ -210,8 +210,10 @@ def permute_group(block: nn.Module, group: ChannelGroup, perm: Tensor) -> None:
     Raises:
         ReuseError: ``perm`` is not a permutation of the group's channels.
     """
-    perm = torch.as_tensor(perm)
-    if perm.shape != (group.channels,) or not torch.equal(perm.sort().values, torch.arange(group.channels)):
+    perm = torch.as_tensor(perm, device="cpu")  # indices live on the CPU; each tensor takes them to its device
+    if perm.shape != (group.channels,) or not torch.equal(
+        perm.sort().values, torch.arange(group.channels, device="cpu")
+    ):
         raise ReuseError(
             f"permute_group: perm must be a permutation of range({group.channels}) (the channels of "
             f"{group.producer}), got shape {tuple(perm.shape)}"
@@ -252,8 +254,8 @@ def assignment(similarity: Tensor) -> Tensor:
     from scipy.optimize import linear_sum_assignment
 
     rows, cols = linear_sum_assignment(similarity.detach().cpu().double().numpy(), maximize=True)
-    perm = torch.empty(len(cols), dtype=torch.long)
-    perm[torch.as_tensor(cols)] = torch.as_tensor(rows)
+    perm = torch.empty(len(cols), dtype=torch.long, device="cpu")
+    perm[torch.as_tensor(cols, device="cpu")] = torch.as_tensor(rows, device="cpu")
     return perm
 
 
@@ -288,7 +290,7 @@ def _align_to(block: nn.Module, groups: Sequence[ChannelGroup], target, sweeps: 
         changed = False
         for g in groups:
             perm = assignment(weight_features(block, g) @ target(g).T)  # (C, C) similarities
-            if not torch.equal(perm, torch.arange(g.channels)):
+            if not torch.equal(perm, torch.arange(g.channels, device="cpu")):
                 permute_group(block, g, perm)
                 changed = moved = True
         if not changed:

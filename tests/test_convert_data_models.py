@@ -73,3 +73,28 @@ def test_trained_after_conversion_then_exported_to_onnx(images: torch.Tensor, tm
     (got,) = session.run(None, {session.get_inputs()[0].name: images[:4].numpy()})
     torch.testing.assert_close(torch.from_numpy(got), expected, rtol=1e-3, atol=1e-3)
     assert report.param_bytes < 4 * sum(p.numel() for p in model.parameters())  # the shared weights once
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(delta_rank=2), dict(delta_rank=2, align="activations"), dict(budget=0.6), dict(init="mean", align="weights")],
+    ids=["fit", "activations", "budget", "mean"],
+)
+def test_every_tensor_is_made_on_the_models_device(options: dict, images: torch.Tensor) -> None:
+    """With the default device set to ``meta``, a tensor the library makes without naming a device lands there and
+    cannot mix with the model's CPU tensors: the CPU stand-in for a model on a GPU (found by a CUDA run)."""
+    model = reuse.calibrate(trained_looking("resnet18"), images[:8])
+    with torch.device("meta"):
+        new = reuse.fx.convert(model, data=images[:8], **options)
+        reuse.calibrate(new, images[:8])
+    assert {t.device.type for t in [*new.parameters(), *new.buffers()]} == {"cpu"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_convert_with_data_on_cuda_equals_the_cpu(images: torch.Tensor) -> None:
+    model = reuse.calibrate(trained_looking("resnet18"), images)
+    cpu = reuse.fx.convert(model, data=images, delta_rank=2)
+    gpu = reuse.fx.convert(model.cuda(), data=images.cuda(), delta_rank=2)
+    assert {p.device.type for p in gpu.parameters()} == {"cuda"}
+    with torch.no_grad():
+        torch.testing.assert_close(gpu(images.cuda()).cpu(), cpu(images), rtol=1e-3, atol=1e-3)

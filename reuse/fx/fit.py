@@ -250,7 +250,7 @@ def fit_shared(
     g = covs[0].shape[0]
     ws = [t.weight.detach().double().reshape(g, -1, covs[0].shape[-1]) for t in targets]  # k x (g, rows, D)
     covs = [_ridged(c) for c in covs]
-    scales = [torch.ones(w.shape[0] * w.shape[1], dtype=torch.float64) for w in ws]  # (O,) per block
+    scales = [w.new_ones(w.shape[0] * w.shape[1]) for w in ws]  # (O,) per block
     if norms is not None and len({id(n) for n in norms}) < len(norms):
         norms = None  # one norm for several uses: its statistics cannot follow each use's scale
     if norms is not None and all(t.bias is None for t in targets):
@@ -286,7 +286,7 @@ def fit_shared(
 def _ridged(c: Tensor) -> Tensor:
     d = c.shape[-1]
     scale = torch.diagonal(c, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)  # (g,)
-    return c + _RIDGE * scale[:, None, None] * torch.eye(d, dtype=c.dtype)
+    return c + _RIDGE * scale[:, None, None] * torch.eye(d, dtype=c.dtype, device=c.device)
 
 
 def weighted_low_rank(diff: Tensor, cov: Tensor, rank: int) -> Tensor:
