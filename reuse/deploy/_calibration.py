@@ -152,6 +152,25 @@ def _group(node_name: str) -> str:
 _STABLE_WARN = 0.8  # a group whose ranges still grow by more than 1/0.8 - 1 = 25% from half the data to all
 _CLASSES_WARN = 0.5  # calibration predicted as fewer than half of the output classes
 _TOP_CLASS_WARN = 0.5  # or (4 classes or more) more than half of it as one class
+_QUANTIZED_OPS = (  # the ops whose outputs are coverage groups' tensors
+    "Conv",
+    "Add",
+    "Mul",
+    "Relu",
+    "Clip",
+    "MaxPool",
+    "AveragePool",
+    "GlobalAveragePool",
+    "Gemm",
+    "MatMul",
+    "Concat",
+    "Gather",
+    "Flatten",
+    "Reshape",
+    "Sigmoid",
+    "HardSigmoid",
+    "Resize",
+)
 
 
 def coverage(model_proto: Any, batches: list[Any]) -> tuple[list[CalibrationCoverage], list[str]]:
@@ -219,24 +238,3 @@ def coverage(model_proto: Any, batches: list[Any]) -> tuple[list[CalibrationCove
                 "the training set"
             )
     return report, warns
-
-
-_QUANTIZED_OPS = (
-    "Conv",
-    "Add",
-    "Mul",
-    "Relu",
-    "Clip",
-    "MaxPool",
-    "AveragePool",
-    "GlobalAveragePool",
-    "Gemm",
-    "MatMul",
-    "Concat",
-    "Gather",
-    "Flatten",
-    "Reshape",
-    "Sigmoid",
-    "HardSigmoid",
-    "Resize",
-)

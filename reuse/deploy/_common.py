@@ -95,7 +95,7 @@ def ort_session(model: bytes | str, caller: str) -> Any:
 def references(model: nn.Module, rewrite: nn.Module, fix: str) -> list[tuple[str, nn.Module, str]]:
     """What a written program is checked against, in this order, with what to do when it differs: the rewrite it
     was exported from (a difference there is the exporter's: ``fix``), then the model handed in (a difference
-    there is the rewrite's). The model itself is not touched: a copy of it runs, in eval mode as the rewrite."""
+    there is the rewrite's). The model itself is not touched: a copy of it runs, in eval mode like the rewrite."""
     return [
         (f"{REWRITE}, the rewrite it was exported from", rewrite, fix),
         (
@@ -122,12 +122,14 @@ def compare(
     for which, reference, fix in against:
         expected = outputs(reference, inputs)
         if len(got) != len(expected):
-            raise ReuseError(f"{caller}: the file has {len(got)} outputs, {which} {len(expected)}")
+            raise ReuseError(
+                f"{caller}: the file has {len(got)} outputs, {which} {len(expected)}; nothing was written. {fix}"
+            )
         for e, g in zip(expected, got):
             if g.shape != e.shape:
                 raise ReuseError(
                     f"{caller}: {runtime} gives an output of shape {tuple(g.shape)} for an input batch of {batch}, "
-                    f"{which} {tuple(e.shape)}; the export fixed a shape it should not have"
+                    f"{which} {tuple(e.shape)}; nothing was written. {fix}"
                 )
             diff = (g - e).abs().max().item() if e.numel() else 0.0
             scale = max(1.0, e.abs().max().item() if e.numel() else 1.0)

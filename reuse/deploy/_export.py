@@ -97,7 +97,7 @@ def _check_onnx(
     except ImportError:
         return None, "not checked: onnxruntime is not installed"
     runtime = ort_session(data, "export_onnx")
-    fix = "An op the exporter translates differently? Export with dynamo=True, or report the model"
+    fix = "An op the exporter translates differently, or a shape it fixed? Export with dynamo=True, or report the model"
     against = references(model, rewrite, fix)
     worst = 0.0
     batches = _check_batches(inputs, dynamic_batch)
@@ -125,9 +125,9 @@ def export_onnx(
     reuse folded), exported, and compacted: constants become initializers, identical tensors are merged by
     content, unused ones dropped. With ``dynamic_batch`` the batch axis of every input and output is
     symbolic and the file holds nothing whose size depends on the batch. When onnxruntime is installed, the
-    file runs on ``example_inputs`` (and on a batch of another size) and must match to ``tolerance`` (relative
-    to the outputs' magnitude, at least 1), before it is written, both the rewrite it was exported from and the
-    model handed in (a copy in eval mode): an error says which it differs from.
+    file runs on ``example_inputs`` (and on a batch of another size) before it is written, and its outputs must
+    match, to ``tolerance`` (relative to the outputs' magnitude, at least 1), both those of the rewrite it was
+    exported from and those of the model handed in (a copy, in eval mode); an error says which differs.
 
     Args:
         model: a module in eval or train mode (exported as in eval mode); it is not modified.

@@ -85,7 +85,8 @@ def quantize_onnx(
         :class:`CalibrationCoverage` per group of tensors and ``warnings`` what was warned about.
 
     Raises:
-        ReuseError: no file, an unknown method, or calibration of the wrong shape, dtype or scale.
+        ReuseError: no file, an unknown method, calibration of the wrong shape, dtype or scale, or a bias that
+            does not fit int32 at its scale.
 
     Example:
         >>> import torch, reuse

@@ -22,8 +22,9 @@ def export_pte(
 
     The model is rewritten as for :func:`export_onnx` (``share_weights=True``), captured with
     ``torch.export`` at the example's shapes (ExecuTorch programs have static shapes), lowered with the XNNPACK
-    partitioner and checked in ExecuTorch's runtime, before the file is written, against both the rewrite it was
-    exported from and the model handed in (a copy in eval mode): an error says which it differs from.
+    partitioner, and run in ExecuTorch's runtime before the file is written: its outputs must match both those
+    of the rewrite it was exported from and those of the model handed in (a copy, in eval mode); an error says
+    which differs.
 
     ExecuTorch is not in the ``deploy`` extra: each of its releases is built for one torch release
     (executorch 1.5.1 for torch 2.14), so install the one that matches yours.
