@@ -129,7 +129,7 @@ def test_fixed_batch_export(tmp_path: Path) -> None:
     report = reuse.deploy.export_onnx(model, tmp_path / "m.onnx", torch.randn(3, 3, 12, 12), dynamic_batch=False)
     dims = onnx.load(str(tmp_path / "m.onnx")).graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_value for d in dims] == [3, 3, 12, 12]
-    assert report.check == "onnxruntime, batch 3"
+    assert report.check == "onnxruntime, batch 3, against the model and its rewrite"
 
 
 def test_dynamo_exporter(tmp_path: Path) -> None:
@@ -156,22 +156,47 @@ def test_a_failed_check_writes_nothing(tmp_path: Path) -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return x * 2 if torch.jit.is_tracing() else x
 
-    with pytest.raises(reuse.ReuseError, match="differs from the model's"):
+    with pytest.raises(reuse.ReuseError, match="differs from the model's") as caught:
         reuse.deploy.export_onnx(Lies(), tmp_path / "m.onnx", torch.randn(2, 3))
+    assert "against optimize_for_inference(model, share_weights=True), the rewrite it was exported" in str(caught.value)
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_file_is_checked_against_the_model_handed_in_not_only_its_rewrite(tmp_path: Path) -> None:
+    class Inspects(nn.Module):  # its forward looks at its own BatchNorm, which the rewrite folds away
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.bn(self.conv(x))
+            return y + 1 if isinstance(self.bn, nn.BatchNorm2d) else y
+
+    model = Inspects().eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():  # the premise: the rewrite computes something else than the model (by 1 everywhere)
+        rewrite = reuse.optimize_for_inference(model, share_weights=True, channels_last=False)
+        assert torch.allclose(model(x) - rewrite(x), torch.ones(()), atol=1e-5)
+    with pytest.raises(
+        reuse.ReuseError, match=r"^export_onnx: onnxruntime's output differs from the model's by 1 "
+    ) as caught:
+        reuse.deploy.export_onnx(model, tmp_path / "m.onnx", x)
+    assert "against the model handed in; nothing was written" in str(caught.value)
+    assert list(tmp_path.iterdir()) == []
+    assert isinstance(model.bn, nn.BatchNorm2d) and not model.training  # the model itself untouched
+
+
 def test_bad_inputs_name_the_option(tmp_path: Path) -> None:
-    with pytest.raises(reuse.ReuseError, match="example_inputs must be a tensor"):
+    with pytest.raises(reuse.ReuseError, match="^export_onnx: example_inputs must be a tensor"):
         reuse.deploy.export_onnx(plain_cnn(), tmp_path / "m.onnx", [1, 2])
-    with pytest.raises(reuse.ReuseError, match="needs an nn.Module"):
+    with pytest.raises(reuse.ReuseError, match="^export_onnx: needs an nn.Module"):
         reuse.deploy.export_onnx(lambda x: x, tmp_path / "m.onnx", torch.randn(1))  # type: ignore[arg-type]
-    with pytest.raises(reuse.ReuseError, match="no file"):
+    with pytest.raises(reuse.ReuseError, match="^quantize_onnx: no file"):
         reuse.deploy.quantize_onnx(tmp_path / "absent.onnx", tmp_path / "q.onnx", [torch.randn(1, 3)])
     reuse.deploy.export_onnx(plain_cnn().eval(), tmp_path / "m.onnx", torch.randn(1, 3, 12, 12))
     with pytest.raises(reuse.ReuseError, match="calibration holds no batch"):
         reuse.deploy.quantize_onnx(tmp_path / "m.onnx", tmp_path / "q.onnx", [])
-    with pytest.raises(reuse.ReuseError, match="method must be one of"):
+    with pytest.raises(reuse.ReuseError, match="^quantize_onnx: method must be one of"):
         reuse.deploy.quantize_onnx(tmp_path / "m.onnx", tmp_path / "q.onnx", [torch.randn(1, 3, 12, 12)], method="x")
 
 
