@@ -141,8 +141,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--train-images", type=int, default=20000)
     p.add_argument("--teacher-epochs", type=int, default=10)
     p.add_argument("--calibration-images", type=int, default=2000, help="unlabeled training images (default: 2000)")
-    p.add_argument("--ranks", default="0,4", help="delta ranks of the steps table (default: %(default)s)")
-    p.add_argument("--budgets", default="0.5,0.35,0.25", help="fractions of the teacher's parameters")
+    p.add_argument("--ranks", default="0,4", help="delta ranks of the steps table, or 'none' (default: %(default)s)")
+    p.add_argument(
+        "--steps",
+        choices=("all", "short"),
+        default="all",
+        help="short: only the mean as before, with calibration, and the default with data",
+    )
+    p.add_argument("--budgets", default="0.5,0.35,0.25", help="fractions of the teacher's parameters, or 'none'")
     p.add_argument("--epochs", type=int, default=1, help="distillation epochs after conversion (default: 1)")
     p.add_argument("--no-pruning", dest="pruning", action="store_false", help="leave Torch-Pruning out")
     p.add_argument("--batch-size", type=int, default=128)
@@ -183,7 +189,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         return cf.evaluate(model, data.test_x, data.test_y)
 
     # 1. What each step buys.
-    for rank in [float(r) if "." in r else int(r) for r in args.ranks.split(",")]:
+    ranks = [] if args.ranks == "none" else [float(r) if "." in r else int(r) for r in args.ranks.split(",")]
+    short = ("mean (as before)", "mean + calibrate", "weight-aligned fit + calibrate (the default with data)")
+    for rank in ranks:
         steps = [
             ("mean (as before)", dict(init="mean", shuffle=False), False),
             ("mean + calibrate", dict(init="mean", shuffle=False), True),
@@ -191,7 +199,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             ("activation-aligned fit + calibrate", dict(data=calib, align="activations"), True),
             ("weight-aligned fit + calibrate (the default with data)", dict(data=calib), True),
         ]
-        for name, options, calibrated in steps:
+        for name, options, calibrated in [s for s in steps if args.steps == "all" or s[0] in short]:
             t0 = time.perf_counter()
             student = reuse.fx.convert(
                 teacher, delta_rank=rank, example_inputs=example, **{**options, "calibrate": False}
@@ -206,7 +214,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             _say(row)
 
     # 2. Budgets: reuse and pruning at the same parameters, then distilled alike.
-    for budget in [float(b) for b in args.budgets.split(",")]:
+    for budget in [] if args.budgets == "none" else [float(b) for b in args.budgets.split(",")]:
         t0 = time.perf_counter()
         student, rep = reuse.fx.convert(
             teacher, data=calib, budget=budget, example_inputs=example, calibrate=False, report=True
