@@ -91,7 +91,8 @@ def test_every_tensor_is_made_on_the_models_device(options: dict, images: torch.
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_convert_with_data_on_cuda_equals_the_cpu(images: torch.Tensor) -> None:
+def test_convert_with_data_on_cuda_equals_the_cpu(images: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # float32 convs, as on the CPU
     model = reuse.calibrate(trained_looking("resnet18"), images)
     cpu = reuse.fx.convert(model, data=images, delta_rank=2)
     gpu = reuse.fx.convert(model.cuda(), data=images.cuda(), delta_rank=2)
