@@ -958,6 +958,9 @@ def _all_reduce(values: list[float], dd: Dist, device: torch.device) -> list[flo
 # ---------------------------------------------------------------------------------------------------- training
 
 
+EVAL_BATCH = 512  # images per forward pass of evaluate()
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module, x: Tensor, y: Tensor, ctx: Any, dd: Dist, channels_last: bool = True
@@ -967,7 +970,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     x, y = x[dd.rank :: dd.world], y[dd.rank :: dd.world]
-    batch = 512
+    batch = EVAL_BATCH
     loss_sum = torch.zeros((), device=y.device)
     correct = torch.zeros((), device=y.device, dtype=torch.int64)
     for i in range(0, len(y), batch):
@@ -1072,16 +1075,59 @@ def train_epoch(
     }
 
 
+def time_training(cfg: Config, device: torch.device, steps: int = 3) -> tuple[float, float]:
+    """Seconds per training step of ``cfg``'s model at ``cfg.batch_size`` (``train_epoch``'s own step:
+    augmentation, forward, backward, optimiser, schedule, EMA) and per ``evaluate`` batch of ``EVAL_BATCH``
+    images, on random images of ``cfg.dataset``'s shape, each after a warm-up; without ``torch.compile``. It
+    estimates a run's time before the run (``cfg`` with its defaults resolved, as ``resolve_defaults`` gives).
+
+    Example:
+        >>> cfg = resolve_defaults(Config(dataset="fashion-mnist", reuse=1, width=0.25, batch_size=4, epochs=1))
+        >>> step_s, eval_s = time_training(cfg, torch.device("cpu"), steps=1)
+        >>> step_s > 0 and eval_s > 0
+        True
+    """
+    cfg = Config(**{**asdict(cfg), "progress": False, "grad_accum": 1})
+    info, dd = DATASETS[cfg.dataset], Dist()
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and cfg.bf16 else nullcontext()
+    torch.manual_seed(0)
+    model = build_model(cfg, info.channels).to(device)
+    model = model.to(memory_format=torch.channels_last) if cfg.channels_last else model
+    opt = torch.optim.SGD(param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    sched = make_scheduler(opt, cfg, steps + 1)  # room for the warm-up step and the timed ones
+    ema = WeightEMA(model, cfg.ema) if cfg.ema > 0 else None
+    n = max(cfg.batch_size * steps, EVAL_BATCH)
+    shape = (n, info.size, info.size, info.channels)
+    x = torch.randint(0, 256, shape, dtype=torch.uint8, device=device)  # (n, H, W, C)
+    y = torch.randint(0, info.num_classes, (n,), device=device)  # (n,)
+    test_x, test_y = x[:EVAL_BATCH], y[:EVAL_BATCH]  # (512, H, W, C), (512,)
+    warm = Data(x[: cfg.batch_size], y[: cfg.batch_size], test_x, test_y, source="random")  # one step
+    timed = Data(x[: cfg.batch_size * steps], y[: cfg.batch_size * steps], test_x, test_y, source="random")
+    train_epoch(model, opt, sched, warm, cfg, 0, dd, ctx, ema)
+    step_s = train_epoch(model, opt, sched, timed, cfg, 1, dd, ctx, ema)["epoch_s"] / steps
+    evaluate(model, test_x, test_y, ctx, dd, cfg.channels_last)  # warm-up
+    t0 = time.perf_counter()
+    evaluate(model, test_x, test_y, ctx, dd, cfg.channels_last)  # ends with .item(): the device has finished
+    return step_s, time.perf_counter() - t0
+
+
 # -------------------------------------------------------------------------------------------------------- main
 
 
-def _pick_device(kind: str, dd_local_rank: int) -> torch.device:
+def pick_device(kind: str, local_rank: int = 0) -> torch.device:
+    """The device of ``--device KIND`` (auto, cpu or cuda) for the process of local rank ``local_rank``: auto is
+    CUDA when torch sees a GPU, else the CPU; cuda without a GPU is a ReuseError.
+
+    Example:
+        >>> pick_device("cpu")
+        device(type='cpu')
+    """
     if kind == "auto":
         kind = "cuda" if torch.cuda.is_available() else "cpu"
     if kind == "cuda":
         if not torch.cuda.is_available():
             raise ReuseError("--device cuda: torch sees no CUDA device here; use --device cpu or auto")
-        return torch.device("cuda", dd_local_rank)
+        return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
 
@@ -1241,7 +1287,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Train as configured by ``argv`` (the command line when None); return the final metrics."""
     wall0 = time.perf_counter()
     cfg, given = parse_config(argv)
-    dd = setup_distributed("cuda" if _pick_device(cfg.device, 0).type == "cuda" else "cpu")
+    dd = setup_distributed("cuda" if pick_device(cfg.device, 0).type == "cuda" else "cpu")
     try:
         return _run(cfg, given, dd, wall0)
     finally:
@@ -1252,7 +1298,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 def _run(cfg: Config, given: set[str], dd: Dist, wall0: float) -> dict[str, Any]:
     run = _prepare_run(cfg, given, dd)
     cfg, out, ckpt = run.cfg, run.out, run.ckpt
-    device = _pick_device(cfg.device, dd.local_rank)
+    device = pick_device(cfg.device, dd.local_rank)
     cuda = device.type == "cuda"
     if cfg.batch_size % (dd.world * cfg.grad_accum):
         raise ReuseError(
@@ -1421,20 +1467,38 @@ def _run(cfg: Config, given: set[str], dd: Dist, wall0: float) -> dict[str, Any]
     return final
 
 
+def run_cli(prog: str, run: Callable[[], object], interrupted: str) -> None:
+    """Call ``run()`` as a command line: an error the user can fix (a ``ReuseError``) prints as one line
+    ``PROG: error: ...`` on stderr and exits with status 2, an ``OSError`` that no check saw coming (a folder
+    removed mid-run, ...) the same way with status 1, and Ctrl-C prints ``PROG: interrupted; INTERRUPTED`` and
+    exits with 130; never a traceback.
+
+    Example:
+        >>> def bad() -> None:
+        ...     raise ReuseError("--epochs must be at least 1")
+        >>> try:
+        ...     run_cli("demo.py", bad, "run it again")  # stderr: demo.py: error: --epochs must be at least 1
+        ... except SystemExit as stop:
+        ...     print(stop.code)
+        2
+    """
+    try:
+        run()
+    except ReuseError as err:
+        print(f"{prog}: error: {' '.join(str(err).splitlines())}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:
+        print(f"{prog}: error: {type(err).__name__}: {err}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; {interrupted}", file=sys.stderr)
+        sys.exit(130)
+
+
 def cli(argv: Sequence[str] | None = None) -> None:
     """The command line: errors the user can fix print as one line on stderr and exit non-zero, never a
     traceback."""
-    try:
-        main(argv)
-    except ReuseError as err:
-        print(f"lrunet_cifar.py: error: {' '.join(str(err).splitlines())}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as err:  # the file system, where no check saw it coming (a folder removed mid-run, ...)
-        print(f"lrunet_cifar.py: error: {type(err).__name__}: {err}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("lrunet_cifar.py: interrupted; continue with --out DIR --resume", file=sys.stderr)
-        sys.exit(130)
+    run_cli("lrunet_cifar.py", lambda: main(argv), "continue with --out DIR --resume")
 
 
 if __name__ == "__main__":

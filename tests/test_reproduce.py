@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -235,7 +236,7 @@ def test_jobs_run_in_parallel_processes_and_resume(tmp_path: Path, monkeypatch: 
     def no_process(*a: object, **k: object) -> None:
         raise AssertionError("started a run again")
 
-    monkeypatch.setattr(rp.subprocess, "Popen", no_process)
+    monkeypatch.setattr(subprocess, "Popen", no_process)
     rp.main([*_gpu_args(tmp_path), "--jobs", "2"])
     assert len((tmp_path / "results" / "tinygpu.jsonl").read_text().splitlines()) == 2
     rows = rp.main([*_gpu_args(tmp_path), "--reuse-values", "1,2,4", "--status"])["status"]

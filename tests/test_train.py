@@ -4,7 +4,8 @@ End to end on tiny real data (the Fashion-MNIST subset shipped in ``examples/dat
 generated data, exact resume (and resume with more epochs), atomic checkpoints (a failing save, a full disk and a
 real SIGKILL), stale temporaries, DDP on gloo with two processes against one process, the on-device augmentation,
 the ablation flags ``--no-share`` and ``--no-shuffle``, and the one-line messages for bad options, missing,
-malformed or corrupt data, unwritable run directories, bad checkpoints and diverged runs.
+malformed or corrupt data, unwritable run directories, bad checkpoints and diverged runs; the functions that
+benchmarks/reproduce.py uses (pick_device, time_training, run_cli) and the script's docstring examples.
 """
 
 from __future__ import annotations
@@ -910,3 +911,57 @@ def test_torchrun_with_one_process_runs_ddp(tmp_path: Path) -> None:
     final = json.loads(proc.stdout.strip().splitlines()[-1])
     assert final["ddp"] is True and final["device"] == "cpu x 1"
     assert "epoch 1/1" in proc.stdout and "elapsed" in proc.stdout and "test loss" in proc.stdout
+
+
+# ------------------------------------------------------------------------- functions other scripts use (reproduce)
+
+
+def test_the_scripts_examples_run() -> None:
+    """The ``>>>`` examples of the script's docstrings (to_float, augment, param_groups, WeightEMA, pick_device,
+    time_training, run_cli)."""
+    import doctest
+
+    result = doctest.testmod(lc, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 7 and result.failed == 0
+
+
+def test_pick_device_maps_the_option() -> None:
+    assert lc.pick_device("cpu") == torch.device("cpu")
+    assert lc.pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        assert lc.pick_device("cuda", 0) == torch.device("cuda", 0)
+    else:
+        with pytest.raises(reuse.ReuseError, match="--device cuda: torch sees no CUDA device"):
+            lc.pick_device("cuda")
+
+
+@pytest.mark.parametrize("recipe", ["paper", "fast"])
+def test_time_training_times_a_step_and_an_evaluation_batch(recipe: str) -> None:
+    """Seconds per training step and per evaluation batch, both positive and finite, with the recipe's own step
+    (the fast recipe's EMA and one-cycle's schedule included); nothing is written."""
+    argv = ["--dataset", "fashion-mnist", "--reuse", "2", "--width", "0.25", "--batch-size", "8", "--epochs", "1"]
+    cfg = lc.resolve_defaults(lc.parse_config([*argv, "--schedule", "onecycle", "--recipe", recipe])[0])
+    step_s, eval_s = lc.time_training(cfg, torch.device("cpu"), steps=2)
+    assert 0 < step_s < math.inf and 0 < eval_s < math.inf
+    assert lc.EVAL_BATCH == 512
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "line"),
+    [
+        (reuse.ReuseError("--epochs must be\nat least 1"), 2, "demo.py: error: --epochs must be at least 1"),
+        (FileNotFoundError(2, "No such file or directory", "x"), 1, "demo.py: error: FileNotFoundError: [Errno 2]"),
+        (KeyboardInterrupt(), 130, "demo.py: interrupted; run it again"),
+    ],
+)
+def test_run_cli_turns_errors_into_one_line(
+    error: BaseException, code: int, line: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def fails() -> None:
+        raise error
+
+    assert lc.run_cli("demo.py", lambda: None, "run it again") is None  # no error: it returns
+    with pytest.raises(SystemExit) as stop:
+        lc.run_cli("demo.py", fails, "run it again")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == code and len(err) == 1 and err[0].startswith(line)
