@@ -156,9 +156,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--device",
         default="cpu",
-        help="where the teacher is trained and students distilled, e.g. "
-        "cuda (conversion and calibration run on the CPU; default: %(default)s)",
+        help="where everything runs: training, conversion, calibration, distillation, evaluation, e.g. cuda "
+        "(default: %(default)s)",
     )
+    p.add_argument("--teacher", type=Path, help="a teacher file to load instead of the run directory's cache")
     p.add_argument("--teacher-only", action="store_true", help="stop once the teacher is trained and cached")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -174,10 +175,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args.out.mkdir(parents=True, exist_ok=True)
     data = cf.load_data(folder, args.train_images, args.seed)
     chans, size = data.train_x.shape[1], data.train_x.shape[-1]
-    example = torch.zeros(1, chans, size, size)
+    example = torch.zeros(1, chans, size, size, device=args.device)
     print(f"data: {len(data.train_y)} train, {len(data.test_y)} test images from {folder}", flush=True)
 
     teacher, teacher_acc = _teacher(args, data, chans)
+    teacher.to(args.device)
     if args.teacher_only:
         return []
     total = cf.count(teacher)
@@ -241,6 +243,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             _say(row)
 
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    if torch.device(args.device).type == "cuda":
+        machine += f", {torch.cuda.get_device_name(args.device)}, torch {torch.__version__}"
     head = dict(args={k: str(v) for k, v in vars(args).items()}, machine=machine, teacher_params=total,
                 teacher_acc=teacher_acc)  # fmt: skip
     table = [asdict(r) for r in rows]
@@ -264,14 +268,16 @@ def _teacher(args: argparse.Namespace, data: cf.Data, chans: int) -> tuple[nn.Mo
     if args.arch == "resnet" and args.dataset == "fashion-mnist":  # convert_finetune.py's cache, if it ran
         legacy = args.out / f"teacher-w{args.width}-b{args.blocks}-n{len(data.train_y)}-e{args.teacher_epochs}.pt"
         cache = legacy if legacy.is_file() and not cache.is_file() else cache
+    cache = args.teacher or cache
+    if args.teacher is not None and not cache.is_file():
+        raise SystemExit(f"convert_trained.py: error: --teacher {cache}: no such file")
     if cache.is_file():
         teacher.load_state_dict(torch.load(cache, map_location="cpu", weights_only=True)["model"])
         print(f"teacher: loaded {cache}", flush=True)
     else:
         seconds = cf.train(teacher.to(args.device), data, args.teacher_epochs, args.lr, args.batch_size, args.seed)
-        teacher.cpu()
         tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-        torch.save({"model": teacher.state_dict(), "time_s": seconds}, tmp)
+        torch.save({"model": {k: v.cpu() for k, v in teacher.state_dict().items()}, "time_s": seconds}, tmp)
         os.replace(tmp, cache)
     teacher.eval()
     acc = cf.evaluate(teacher, data.test_x, data.test_y)
@@ -289,11 +295,8 @@ def _distil(student: nn.Module, teacher: nn.Module, data: cf.Data, args: argpars
     if args.epochs <= 0:
         return None, None
     torch.manual_seed(args.seed)
-    student, teacher = student.to(args.device), teacher.to(args.device)
     seconds = cf.train(student, data, args.epochs, args.lr / 10, args.batch_size, args.seed, teacher=teacher)
-    acc = cf.evaluate(student, data.test_x, data.test_y)
-    student.cpu(), teacher.cpu()
-    return acc, seconds
+    return cf.evaluate(student, data.test_x, data.test_y), seconds
 
 
 def _say(r: Row) -> None:
