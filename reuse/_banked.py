@@ -77,8 +77,11 @@ def order(size: int, seed: int) -> Tensor:
 class Bank(nn.Module):
     """``num_entries`` shared entries (filters or kernels) of one shape, as one ``weight`` parameter.
 
-    Subclasses give the shape of one entry and initialise the weight (``reset_parameters``).
+    Subclasses name their entries (``entry``), give the shape of one entry, initialise the weight
+    (``reset_parameters``) and make a bank holding given entries (``from_entries``).
     """
+
+    entry: ClassVar[str]  # "filter" or "kernel"
 
     def __init__(
         self,
@@ -92,6 +95,10 @@ class Bank(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    @classmethod
+    def from_entries(cls, entries: Tensor) -> Bank:  # pragma: no cover - every subclass defines it
         raise NotImplementedError
 
 
@@ -114,8 +121,7 @@ class Grain:
     """What converting convs means at one grain of reuse (filters or kernels): the policy that
     :func:`convert_group` and :func:`reuse._banked_transform.reuse_convs` follow."""
 
-    entry: str  # what a bank entry is: "filter" or "kernel"
-    make_bank: Callable[[Tensor], Bank]  # a bank holding a copy of the given entries
+    bank: type[Bank]  # the bank class: what an entry is
     key: Callable[[nn.Conv2d], Hashable]  # convs of one key share a bank
     count: Callable[[nn.Conv2d], int]  # entries a conv holds
     minimum: Callable[[Sequence[nn.Conv2d], Mode], int]  # the smallest bank the convs accept in a mode
@@ -130,13 +136,12 @@ class BankedConv2d(nn.Module):
     What is common to filter and kernel reuse lives here: the conv's arguments and their checks, the forward and
     :meth:`from_conv`. A subclass says what its bank is and how a weight is built from it:
 
-    - ``bank_type``, the bank class, and ``_check_bank`` (does the bank fit the conv's channels);
+    - ``grain``, the :class:`Grain`: its bank class, and how convs are converted to layers of this class;
+    - ``_check_bank`` (does the bank fit the conv's channels);
     - ``_init_index`` / ``_init_mix``, the layer's own parameters and buffers in each mode;
-    - ``weight``, the ``(O, C/g, kh, kw)`` tensor built from the bank at each call;
-    - ``grain``, the :class:`Grain` that converts convs to layers of this class.
+    - ``weight``, the ``(O, C/g, kh, kw)`` tensor built from the bank at each call.
     """
 
-    bank_type: ClassVar[type[Bank]]
     grain: ClassVar[Grain]
     bank: Bank
 
@@ -158,8 +163,8 @@ class BankedConv2d(nn.Module):
     ) -> None:
         super().__init__()
         who = type(self).__name__
-        if not isinstance(bank, self.bank_type):
-            raise ReuseError(f"{who}: bank must be a {self.bank_type.__name__}, got {type(bank).__name__}")
+        if not isinstance(bank, self.grain.bank):
+            raise ReuseError(f"{who}: bank must be a {self.grain.bank.__name__}, got {type(bank).__name__}")
         factory = {"device": bank.weight.device, "dtype": bank.weight.dtype}
         check_mode(mode, who)
         in_channels = check_int(in_channels, "in_channels", who)
@@ -240,8 +245,8 @@ class BankedConv2d(nn.Module):
             raise ReuseError(f"{who}: cannot convert {type(conv).__name__}: {reason}")
         if bank is None:
             return convert_group(cls, [conv], cls.grain.count(conv), mode, seed)[0]
-        if isinstance(bank, cls.bank_type) and bank.kernel_size != tuple(conv.kernel_size):
-            entry = cls.grain.entry
+        if isinstance(bank, cls.grain.bank) and bank.kernel_size != tuple(conv.kernel_size):
+            entry = bank.entry
             raise ReuseError(
                 f"{who}: {bank} holds {bank.kernel_size} {entry}s but {conv} has kernel_size="
                 f"{tuple(conv.kernel_size)}; draw from a bank of {tuple(conv.kernel_size)} {entry}s"
@@ -286,7 +291,7 @@ def convert_group(
     cycle = order(size, seed).to(pool.device)  # (M,)
     entries = torch.empty((size, *pool.shape[1:]), dtype=pool.dtype, device=pool.device)  # (M, ...)
     entries[cycle] = _spread(pool, size)  # bank place j (entry cycle[j]) holds pool entry j
-    bank = grain.make_bank(entries)
+    bank = grain.bank.from_entries(entries)
     exact = size >= pool.shape[0]
     new, start = [], 0
     for conv in convs:

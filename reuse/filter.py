@@ -65,6 +65,8 @@ class FilterBank(Bank):
         self.kernel_size = kernel_size_pair(kernel_size, "FilterBank")
         super().__init__(self.num_filters, (self.in_channels, *self.kernel_size), **factory)
 
+    entry = "filter"
+
     def reset_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # as nn.Conv2d
 
@@ -80,6 +82,8 @@ class FilterBank(Bank):
         filters = check_entries(filters, 4, "(M, C, kh, kw)", "FilterBank.from_filters")
         bank = cls(filters.shape[0], filters.shape[1], tuple(filters.shape[2:]), device=filters.device)
         return filled(bank, filters)  # (M, C/g, kh, kw)
+
+    from_entries = from_filters
 
     def extra_repr(self) -> str:
         return f"{self.num_filters}, {self.in_channels}, kernel_size={self.kernel_size}"
@@ -109,18 +113,29 @@ def _filter_assignment(
     return entry, shift
 
 
-def _filter_key(conv: nn.Conv2d) -> tuple:
+# The filter grain (FilterReuseConv2d.grain): convs with filters of one shape share a bank.
+
+
+def _key(conv: nn.Conv2d) -> tuple:
     return (conv.in_channels // conv.groups, *conv.kernel_size, conv.weight.dtype, conv.weight.device)
 
 
-def _filter_minimum(convs: Sequence[nn.Conv2d], mode: Mode) -> int:
+def _count(conv: nn.Conv2d) -> int:
+    return conv.out_channels
+
+
+def _pool(convs: Sequence[nn.Conv2d]) -> Tensor:
+    return torch.cat([conv.weight.detach() for conv in convs])  # (T, C/g, kh, kw), the layers' filters in order
+
+
+def _minimum(convs: Sequence[nn.Conv2d], mode: Mode) -> int:
     """The smallest bank that gives every output of a group its own (filter, roll) pair in index mode."""
     if mode == "mix":
         return 1
     return max(math.ceil(c.out_channels // c.groups / (c.in_channels // c.groups)) for c in convs)
 
 
-def _filter_start_like(layer: FilterReuseConv2d, conv: nn.Conv2d, places: Tensor, exact: bool) -> None:
+def _start_like(layer: FilterReuseConv2d, conv: nn.Conv2d, places: Tensor, exact: bool) -> None:
     if exact and layer.mode == "mix":  # one-hot on the layer's own filters: the conv's weight exactly
         layer.coef.zero_()
         layer.coef[torch.arange(conv.out_channels), places] = 1.0
@@ -183,16 +198,7 @@ class FilterReuseConv2d(BankedConv2d):
     """
 
     bank: FilterBank
-    bank_type = FilterBank
-    grain = Grain(
-        entry="filter",
-        make_bank=FilterBank.from_filters,
-        key=_filter_key,
-        count=lambda conv: conv.out_channels,
-        minimum=_filter_minimum,
-        pool=lambda convs: torch.cat([conv.weight.detach() for conv in convs]),  # (T, C/g, kh, kw), in order
-        start_like=_filter_start_like,
-    )
+    grain = Grain(FilterBank, key=_key, count=_count, minimum=_minimum, pool=_pool, start_like=_start_like)
 
     def _check_bank(self, bank: Bank, channels: int) -> None:
         if bank.in_channels != channels:

@@ -66,6 +66,8 @@ class KernelBank(Bank):
         self.kernel_size = kernel_size_pair(kernel_size, "KernelBank")
         super().__init__(self.num_kernels, self.kernel_size, **factory)
 
+    entry = "kernel"
+
     def reset_parameters(self) -> None:
         bound = 1.0 / math.sqrt(self.kernel_size[0] * self.kernel_size[1])
         nn.init.uniform_(self.weight, -bound, bound)
@@ -82,6 +84,8 @@ class KernelBank(Bank):
         kernels = check_entries(kernels, 3, "(M, kh, kw)", "KernelBank.from_kernels")
         bank = cls(kernels.shape[0], tuple(kernels.shape[1:]), device=kernels.device)
         return filled(bank, kernels)  # (M, kh, kw)
+
+    from_entries = from_kernels
 
     def extra_repr(self) -> str:
         return f"{self.num_kernels}, kernel_size={self.kernel_size}"
@@ -110,30 +114,37 @@ def _kernel_assignment(out_channels: int, groups: int, channels: int, bank_size:
     return entry
 
 
-def _kernel_key(conv: nn.Conv2d) -> tuple:
+# The kernel grain (KernelReuseConv2d.grain): convs with kernels of one size share a bank.
+
+
+def _key(conv: nn.Conv2d) -> tuple:
     return (*conv.kernel_size, conv.weight.dtype, conv.weight.device)
 
 
-def _kernel_skip(conv: nn.Conv2d) -> str | None:
+def _count(conv: nn.Conv2d) -> int:
+    return conv.out_channels * (conv.in_channels // conv.groups)
+
+
+def _skip(conv: nn.Conv2d) -> str | None:
     if conv.kernel_size[0] * conv.kernel_size[1] == 1:
         return "its kernels are 1x1 (single numbers): drawing them from a bank would save nothing"
     return None
 
 
-def _kernel_minimum(convs: Sequence[nn.Conv2d], mode: Mode) -> int:
+def _minimum(convs: Sequence[nn.Conv2d], mode: Mode) -> int:
     """The smallest bank that index mode accepts: one kernel per output of a group reading a single channel."""
     if mode == "mix":
         return 1
     return max([c.out_channels // c.groups for c in convs if c.in_channels == c.groups], default=1)
 
 
-def _kernel_pool(convs: Sequence[nn.Conv2d]) -> Tensor:
+def _pool(convs: Sequence[nn.Conv2d]) -> Tensor:
     """The convs' kernels, conv by conv and channel-major within a conv (the cycle's order, see
     :func:`_kernel_assignment`): ``(T, kh, kw)``."""
     return torch.cat([conv.weight.detach().transpose(0, 1).flatten(0, 1) for conv in convs])
 
 
-def _kernel_start_like(layer: KernelReuseConv2d, conv: nn.Conv2d, places: Tensor, exact: bool) -> None:
+def _start_like(layer: KernelReuseConv2d, conv: nn.Conv2d, places: Tensor, exact: bool) -> None:
     if layer.mode == "index":
         layer.scale.fill_(1.0)  # the bank holds conv kernels, no 1/sqrt(C/g) needed
     elif exact:  # one-hot on the layer's own kernels: the conv's weight exactly
@@ -183,17 +194,7 @@ class KernelReuseConv2d(BankedConv2d):
     """
 
     bank: KernelBank
-    bank_type = KernelBank
-    grain = Grain(
-        entry="kernel",
-        make_bank=KernelBank.from_kernels,
-        key=_kernel_key,
-        count=lambda conv: conv.out_channels * (conv.in_channels // conv.groups),
-        minimum=_kernel_minimum,
-        pool=_kernel_pool,
-        start_like=_kernel_start_like,
-        skip=_kernel_skip,
-    )
+    grain = Grain(KernelBank, key=_key, count=_count, minimum=_minimum, pool=_pool, start_like=_start_like, skip=_skip)
 
     def _init_index(self, channels: int, seed: int, start: int, factory: dict) -> None:
         entry = _kernel_assignment(self.out_channels, self.groups, channels, self.bank.num_kernels, seed, start)
