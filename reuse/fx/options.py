@@ -88,8 +88,8 @@ def check_options(
             f"convert: level must be 'layer' (whole blocks), 'filter' or 'kernel' (shared banks), got {level!r}"
         )
     shuffle = check_bool(data is None if shuffle is None else shuffle, "shuffle", "convert")
-    check_int(min_run, "min_run", "convert", at_least=2, about="blocks in a run")
-    check_int(groups, "groups", "convert", about="the channel shuffle's groups")
+    min_run = check_int(min_run, "min_run", "convert", at_least=2, about="blocks in a run")
+    groups = check_int(groups, "groups", "convert", about="the channel shuffle's groups")
     init = ("first" if data is None else "fit") if init is None else init
     if init not in INITS:
         raise ReuseError(f"convert: init must be 'first', 'mean' or 'fit' (fitted to calibration data), got {init!r}")
@@ -112,21 +112,21 @@ def check_options(
             f"convert: delta_rank is a per-use delta of reused blocks; it takes level='layer', got {level!r}"
         )
     _check_model(model)
-    if level == "layer" and (not isinstance(bank_size, EllipsisType) or mode != "index"):
-        raise ReuseError(
-            "convert: bank_size and mode choose the banks of level='filter' or 'kernel'; "
-            f"level='layer' reuses whole blocks and takes neither (got bank_size={bank_size!r}, mode={mode!r})"
-        )
     if level == "layer":
+        if not isinstance(bank_size, EllipsisType) or mode != "index":
+            raise ReuseError(
+                "convert: bank_size and mode choose the banks of level='filter' or 'kernel'; "
+                f"level='layer' reuses whole blocks and takes neither (got bank_size={bank_size!r}, mode={mode!r})"
+            )
         bank_size = None
     else:
         bank_size = BANK_SIZE if isinstance(bank_size, EllipsisType) else bank_size
         check_bank_size(bank_size, "convert")
         check_mode(mode, "convert")
     return Options(
-        min_run=min_run,  # type: ignore[arg-type]
+        min_run=min_run,
         shuffle=shuffle,
-        groups=groups,  # type: ignore[arg-type]
+        groups=groups,
         init=init,  # type: ignore[arg-type]
         per_use=per_use,  # type: ignore[arg-type]
         leaf_types=leaf_types,
