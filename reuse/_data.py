@@ -9,6 +9,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from reuse._checks import check_int
 from reuse._errors import ReuseError
 
 __all__ = ["CalibrationData", "model_device", "take_batches"]
@@ -33,8 +34,7 @@ def take_batches(data: object, images: int, who: str) -> list[Tensor]:
         >>> [tuple(b.shape) for b in take_batches(loader, 10, "calibrate")]
         [(4, 3, 8, 8), (4, 3, 8, 8), (2, 3, 8, 8)]
     """
-    if isinstance(images, bool) or not isinstance(images, int) or images < 1:
-        raise ReuseError(f"{who}: images must be a positive int (how many calibration inputs to read), got {images!r}")
+    check_int(images, "images", who, about="how many calibration inputs to read")
     if isinstance(data, Tensor):
         data = data.split(_BATCH)
     elif not isinstance(data, Iterable) or isinstance(data, (str, bytes, dict)):

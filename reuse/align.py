@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from reuse._errors import ReuseError
+from reuse._tracing import layer_graph
 from reuse.layer import is_batchnorm
 
 __all__ = [
@@ -100,13 +101,6 @@ _METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "contiguous
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-class _LeafTracer(fx.Tracer):
-    """torch.fx's tracer with every norm, conv and linear kept whole (timm's BatchNormAct2d included)."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return is_batchnorm(m) or isinstance(m, (*_CONVS, nn.Linear)) or super().is_leaf_module(m, qualname)
-
-
 def hidden_groups(block: nn.Module) -> list[ChannelGroup]:
     """The groups of hidden channels of ``block`` (see the module docstring); ``[]`` for a block FX cannot trace.
 
@@ -116,7 +110,7 @@ def hidden_groups(block: nn.Module) -> list[ChannelGroup]:
         [('conv1', ('conv2',)), ('conv2', ('conv3',))]
     """
     try:
-        graph = _LeafTracer().trace(block)
+        graph = layer_graph(block)
     except Exception:  # a block FX cannot trace is tied as it is, unaligned
         return []
     modules = dict(block.named_modules())

@@ -16,7 +16,7 @@ import warnings
 import torch
 from torch import nn
 
-from reuse._checks import check_bool
+from reuse._checks import check_bool, check_module
 from reuse._data import CalibrationData, model_device, take_batches
 from reuse._errors import ReuseError
 
@@ -71,8 +71,7 @@ def calibrate(model: nn.Module, data: CalibrationData, *, images: int = 2000, in
         >>> fixed.training  # the mode handed in
         False
     """
-    if not isinstance(model, nn.Module):
-        raise ReuseError(f"calibrate: needs an nn.Module, got {type(model).__name__}")
+    check_module(model, "calibrate")
     check_bool(inplace, "inplace", "calibrate")
     if not running_stat_modules(model):
         raise ReuseError(

@@ -23,9 +23,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from reuse._checks import check_int
 from reuse._errors import ReuseError
 
-__all__ = ["DeltaRank", "LowRankConv", "LowRankLinear", "delta_params", "full_rank", "init_from_blocks", "resolve_rank"]
+__all__ = [
+    "DeltaRank",
+    "LowRank",
+    "LowRankConv",
+    "LowRankLinear",
+    "delta_params",
+    "full_rank",
+    "init_from_blocks",
+    "resolve_rank",
+]
 
 DeltaRank = int | float
 """The rank of the per-use deltas: an int (the rank of each group's delta, capped at the layer's full rank), a
@@ -98,18 +108,14 @@ def delta_params(module: nn.Module, rank: int) -> int:
     return _groups(module) * rank * (rows + cols) + bias
 
 
-class _LowRank(nn.Module):
+class LowRank(nn.Module):
     """One use's delta on a shared layer: factors ``B`` ``(g, rows, r)`` and ``A`` ``(g, r, cols)``, and a bias
     offset; the shared layer is held as ``base`` (the same object in every use)."""
 
     def __init__(self, base: nn.Module, rank: int) -> None:
         super().__init__()
         rows, cols = _matrix_shape(base)
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(rows, cols):
-            raise ReuseError(
-                f"{type(self).__name__}: rank must be an int in 1..{min(rows, cols)} (the full rank of {base}), "
-                f"got {rank!r}"
-            )
+        check_int(rank, "rank", type(self).__name__, at_most=min(rows, cols), about=f"the full rank of {base}")
         like = base.weight
         factory = dict(device=like.device, dtype=like.dtype)
         g = _groups(base)
@@ -167,7 +173,7 @@ class _LowRank(nn.Module):
         return f"rank={self.rank}"
 
 
-class LowRankConv(_LowRank):
+class LowRankConv(LowRank):
     """A shared ``nn.Conv1d/2d/3d`` seen by one use, with that use's low-rank delta.
 
     Example:
@@ -189,7 +195,7 @@ class LowRankConv(_LowRank):
         return self.base._conv_forward(x, self.weight, self.bias)  # (B, O, ...), the conv's own padding rules
 
 
-class LowRankLinear(_LowRank):
+class LowRankLinear(LowRank):
     """A shared ``nn.Linear`` seen by one use, with that use's low-rank delta (one group).
 
     Example:
@@ -207,7 +213,7 @@ class LowRankLinear(_LowRank):
         return F.linear(x, self.weight, self.bias)  # (..., out)
 
 
-def low_rank(base: nn.Module, rank: int) -> _LowRank:
+def low_rank(base: nn.Module, rank: int) -> LowRank:
     """The delta wrapper for ``base``: :class:`LowRankConv` or :class:`LowRankLinear`."""
     return LowRankLinear(base, rank) if isinstance(base, nn.Linear) else LowRankConv(base, rank)
 
@@ -218,7 +224,7 @@ def takes_delta(module: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def init_from_blocks(deltas: dict[str, _LowRank], block: nn.Module) -> None:
+def init_from_blocks(deltas: dict[str, LowRank], block: nn.Module) -> None:
     """Set each delta (by its path relative to a use) to the truncated SVD of ``block``'s layer at that path
     minus the shared layer: the use then computes ``block``'s weights as closely as its rank allows."""
     for path, delta in deltas.items():

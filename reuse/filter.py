@@ -28,26 +28,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from reuse._banked import (
-    BankSize,
-    Include,
-    Mode,
-    _Bank,
-    _bank_copy,
-    _BankedConv2d,
-    _check_bank_entries,
-    _generator,
-    _kernel_size,
-    _order,
-    _positive_int,
-    _reuse_convs,
-)
+from reuse._banked import Bank, BankedConv2d, Grain, Mode, check_entries, filled, generator, kernel_size_pair, order
+from reuse._banked_transform import BankSize, Include, reuse_convs
+from reuse._checks import check_int
 from reuse._errors import ReuseError
 
 __all__ = ["FilterBank", "FilterReuseConv2d", "filter_reuse"]
 
 
-class FilterBank(_Bank):
+class FilterBank(Bank):
     """A bank of ``num_filters`` filters of shape ``(in_channels, kh, kw)``, shared by :class:`FilterReuseConv2d`.
 
     Initialised as ``nn.Conv2d`` initialises its weight (fan-in ``in_channels * kh * kw``).
@@ -64,8 +53,6 @@ class FilterBank(_Bank):
         (FilterBank(16, 8, kernel_size=(3, 3)), (16, 8, 3, 3))
     """
 
-    entry_name = "filter"
-
     def __init__(
         self,
         num_filters: int,
@@ -73,10 +60,12 @@ class FilterBank(_Bank):
         kernel_size: int | tuple[int, int],
         **factory: Any,
     ) -> None:
-        self.num_filters = _positive_int(num_filters, "num_filters", "FilterBank")
-        self.in_channels = _positive_int(in_channels, "in_channels", "FilterBank")
-        self.kernel_size = _kernel_size(kernel_size, "FilterBank")
+        self.num_filters = check_int(num_filters, "num_filters", "FilterBank")
+        self.in_channels = check_int(in_channels, "in_channels", "FilterBank")
+        self.kernel_size = kernel_size_pair(kernel_size, "FilterBank")
         super().__init__(self.num_filters, (self.in_channels, *self.kernel_size), **factory)
+
+    entry = "filter"
 
     def reset_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # as nn.Conv2d
@@ -90,11 +79,11 @@ class FilterBank(_Bank):
             >>> torch.equal(FilterBank.from_filters(conv.weight).weight, conv.weight)
             True
         """
-        filters = _check_bank_entries(filters, 4, "(M, C, kh, kw)", "FilterBank.from_filters")
+        filters = check_entries(filters, 4, "(M, C, kh, kw)", "FilterBank.from_filters")
         bank = cls(filters.shape[0], filters.shape[1], tuple(filters.shape[2:]), device=filters.device)
-        return _bank_copy(bank, filters)  # (M, C/g, kh, kw)
+        return filled(bank, filters)  # (M, C/g, kh, kw)
 
-    _from_entries = from_filters
+    from_entries = from_filters
 
     def extra_repr(self) -> str:
         return f"{self.num_filters}, {self.in_channels}, kernel_size={self.kernel_size}"
@@ -119,12 +108,40 @@ def _filter_assignment(
             f"outputs would be scaled copies of others; use bank_size >= {need} or mode='mix'"
         )
     position = start % bank_size + torch.arange(out_channels)  # (O,), place in the cycle through the bank
-    entry = _order(bank_size, seed)[position % bank_size]  # (O,), which bank filter
+    entry = order(bank_size, seed)[position % bank_size]  # (O,), which bank filter
     shift = (position // bank_size) % channels  # (O,), the lap of the cycle: one more channel roll per lap
     return entry, shift
 
 
-class FilterReuseConv2d(_BankedConv2d):
+# The filter grain (FilterReuseConv2d.grain): convs with filters of one shape share a bank.
+
+
+def _key(conv: nn.Conv2d) -> tuple:
+    return (conv.in_channels // conv.groups, *conv.kernel_size, conv.weight.dtype, conv.weight.device)
+
+
+def _count(conv: nn.Conv2d) -> int:
+    return conv.out_channels
+
+
+def _pool(convs: Sequence[nn.Conv2d]) -> Tensor:
+    return torch.cat([conv.weight.detach() for conv in convs])  # (T, C/g, kh, kw), the layers' filters in order
+
+
+def _minimum(convs: Sequence[nn.Conv2d], mode: Mode) -> int:
+    """The smallest bank that gives every output of a group its own (filter, roll) pair in index mode."""
+    if mode == "mix":
+        return 1
+    return max(math.ceil(c.out_channels // c.groups / (c.in_channels // c.groups)) for c in convs)
+
+
+def _start_like(layer: FilterReuseConv2d, conv: nn.Conv2d, places: Tensor, exact: bool) -> None:
+    if exact and layer.mode == "mix":  # one-hot on the layer's own filters: the conv's weight exactly
+        layer.coef.zero_()
+        layer.coef[torch.arange(conv.out_channels), places] = 1.0
+
+
+class FilterReuseConv2d(BankedConv2d):
     """A 2-D convolution whose filters are drawn from a shared :class:`FilterBank`.
 
     It takes ``nn.Conv2d``'s arguments except ``kernel_size`` (the bank's) and behaves like one
@@ -181,9 +198,9 @@ class FilterReuseConv2d(_BankedConv2d):
     """
 
     bank: FilterBank
-    bank_type = FilterBank
+    grain = Grain(FilterBank, key=_key, count=_count, minimum=_minimum, pool=_pool, start_like=_start_like)
 
-    def _check_bank(self, bank: _Bank, channels: int) -> None:
+    def _check_bank(self, bank: Bank, channels: int) -> None:
         if bank.in_channels != channels:
             raise ReuseError(
                 f"FilterReuseConv2d: {bank} holds filters of {bank.in_channels} channels, but a conv with "
@@ -200,7 +217,7 @@ class FilterReuseConv2d(_BankedConv2d):
         self.scale = nn.Parameter(torch.ones(self.out_channels, **factory))  # (O,)
 
     def _init_mix(self, channels: int, seed: int, start: int, factory: dict) -> None:
-        coef = torch.randn(self.out_channels, self.bank.num_filters, generator=_generator(seed, start))  # (O, M)
+        coef = torch.randn(self.out_channels, self.bank.num_filters, generator=generator(seed, start))  # (O, M)
         self.coef = nn.Parameter(coef.div_(math.sqrt(self.bank.num_filters)).to(**factory))  # rows of unit norm
 
     @property
@@ -215,31 +232,6 @@ class FilterReuseConv2d(_BankedConv2d):
         index = self.entry[:, None] * channels + rolled  # (O, C/g), rows of the flattened bank
         weight = bank.flatten(0, 1).index_select(0, index.flatten()).view(shape)  # (O, C/g, kh, kw)
         return weight * self.scale.view(-1, 1, 1, 1)  # (O, C/g, kh, kw)
-
-    # conversion (see _BankedConv2d)
-    @staticmethod
-    def _key(conv: nn.Conv2d) -> tuple:
-        return (conv.in_channels // conv.groups, *conv.kernel_size, conv.weight.dtype, conv.weight.device)
-
-    @staticmethod
-    def _count(conv: nn.Conv2d) -> int:
-        return conv.out_channels
-
-    @staticmethod
-    def _minimum(convs: Sequence[nn.Conv2d], mode: Mode) -> int:
-        """The smallest bank that gives every output of a group its own (filter, roll) pair in index mode."""
-        if mode == "mix":
-            return 1
-        return max(math.ceil(c.out_channels // c.groups / (c.in_channels // c.groups)) for c in convs)
-
-    @staticmethod
-    def _pool(convs: Sequence[nn.Conv2d]) -> Tensor:
-        return torch.cat([conv.weight.detach() for conv in convs])  # (T, C/g, kh, kw), the layers' filters in order
-
-    def _start_like(self, conv: nn.Conv2d, places: Tensor, exact: bool) -> None:
-        if exact and self.mode == "mix":  # one-hot on the layer's own filters: the conv's weight exactly
-            self.coef.zero_()
-            self.coef[torch.arange(conv.out_channels), places] = 1.0
 
 
 def filter_reuse(
@@ -289,7 +281,7 @@ def filter_reuse(
         >>> torch.allclose(reuse.filter_reuse(net)(x), net(x))  # bank_size=None: no compression, same weights
         True
     """
-    return _reuse_convs(
+    return reuse_convs(
         module,
         FilterReuseConv2d,
         who="filter_reuse",

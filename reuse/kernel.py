@@ -28,8 +28,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from reuse import _banked
-from reuse._banked import BankSize, Mode, _Bank, _BankedConv2d
+from reuse._banked import Bank, BankedConv2d, Grain, Mode, check_entries, filled, generator, kernel_size_pair, order
+from reuse._banked_transform import BankSize, reuse_convs
+from reuse._checks import check_int
 from reuse._errors import ReuseError
 
 __all__ = ["KernelBank", "KernelReuseConv2d", "kernel_reuse"]
@@ -38,7 +39,7 @@ _MAX_MIX_COEFFICIENTS = 1 << 28
 """Refuse a mix-mode layer with more coefficients than this (1 GiB in float32): a sign of a bank far too large."""
 
 
-class KernelBank(_Bank):
+class KernelBank(Bank):
     """A bank of ``num_kernels`` kernels of shape ``(kh, kw)``, shared by :class:`KernelReuseConv2d` layers.
 
     Initialised uniform in ``±1/sqrt(kh * kw)``, as ``nn.Conv2d`` initialises a weight with one channel per
@@ -55,17 +56,17 @@ class KernelBank(_Bank):
         (KernelBank(32, kernel_size=(3, 3)), (32, 3, 3))
     """
 
-    entry_name = "kernel"
-
     def __init__(
         self,
         num_kernels: int,
         kernel_size: int | tuple[int, int],
         **factory: Any,
     ) -> None:
-        self.num_kernels = _banked._positive_int(num_kernels, "num_kernels", "KernelBank")
-        self.kernel_size = _banked._kernel_size(kernel_size, "KernelBank")
+        self.num_kernels = check_int(num_kernels, "num_kernels", "KernelBank")
+        self.kernel_size = kernel_size_pair(kernel_size, "KernelBank")
         super().__init__(self.num_kernels, self.kernel_size, **factory)
+
+    entry = "kernel"
 
     def reset_parameters(self) -> None:
         bound = 1.0 / math.sqrt(self.kernel_size[0] * self.kernel_size[1])
@@ -80,11 +81,11 @@ class KernelBank(_Bank):
             >>> KernelBank.from_kernels(conv.weight.flatten(0, 1))
             KernelBank(6, kernel_size=(3, 3))
         """
-        kernels = _banked._check_bank_entries(kernels, 3, "(M, kh, kw)", "KernelBank.from_kernels")
+        kernels = check_entries(kernels, 3, "(M, kh, kw)", "KernelBank.from_kernels")
         bank = cls(kernels.shape[0], tuple(kernels.shape[1:]), device=kernels.device)
-        return _banked._bank_copy(bank, kernels)  # (M, kh, kw)
+        return filled(bank, kernels)  # (M, kh, kw)
 
-    _from_entries = from_kernels
+    from_entries = from_kernels
 
     def extra_repr(self) -> str:
         return f"{self.num_kernels}, kernel_size={self.kernel_size}"
@@ -102,7 +103,7 @@ def _kernel_assignment(out_channels: int, groups: int, channels: int, bank_size:
     lap = column // bank_size  # (O,)
     channel = torch.arange(channels)  # (C/g,)
     position = column[:, None] + channel * out_channels + channel * lap[:, None]  # (O, C/g)
-    entry = _banked._order(bank_size, seed)[position % bank_size]  # (O, C/g)
+    entry = order(bank_size, seed)[position % bank_size]  # (O, C/g)
     per_group = out_channels // groups
     if channels == 1 and per_group > bank_size:
         raise ReuseError(
@@ -113,7 +114,46 @@ def _kernel_assignment(out_channels: int, groups: int, channels: int, bank_size:
     return entry
 
 
-class KernelReuseConv2d(_BankedConv2d):
+# The kernel grain (KernelReuseConv2d.grain): convs with kernels of one size share a bank.
+
+
+def _key(conv: nn.Conv2d) -> tuple:
+    return (*conv.kernel_size, conv.weight.dtype, conv.weight.device)
+
+
+def _count(conv: nn.Conv2d) -> int:
+    return conv.out_channels * (conv.in_channels // conv.groups)
+
+
+def _skip(conv: nn.Conv2d) -> str | None:
+    if conv.kernel_size[0] * conv.kernel_size[1] == 1:
+        return "its kernels are 1x1 (single numbers): drawing them from a bank would save nothing"
+    return None
+
+
+def _minimum(convs: Sequence[nn.Conv2d], mode: Mode) -> int:
+    """The smallest bank that index mode accepts: one kernel per output of a group reading a single channel."""
+    if mode == "mix":
+        return 1
+    return max([c.out_channels // c.groups for c in convs if c.in_channels == c.groups], default=1)
+
+
+def _pool(convs: Sequence[nn.Conv2d]) -> Tensor:
+    """The convs' kernels, conv by conv and channel-major within a conv (the cycle's order, see
+    :func:`_kernel_assignment`): ``(T, kh, kw)``."""
+    return torch.cat([conv.weight.detach().transpose(0, 1).flatten(0, 1) for conv in convs])
+
+
+def _start_like(layer: KernelReuseConv2d, conv: nn.Conv2d, places: Tensor, exact: bool) -> None:
+    if layer.mode == "index":
+        layer.scale.fill_(1.0)  # the bank holds conv kernels, no 1/sqrt(C/g) needed
+    elif exact:  # one-hot on the layer's own kernels: the conv's weight exactly
+        places = places.view(-1, conv.out_channels).t()  # (O, C/g), channel-major
+        layer.coef.zero_()
+        layer.coef.scatter_(2, places[:, :, None], 1.0)
+
+
+class KernelReuseConv2d(BankedConv2d):
     """A 2-D convolution whose kernels are drawn from a shared :class:`KernelBank`: the kernel-level twin of
     :class:`~reuse.FilterReuseConv2d`, which it behaves like (``weight`` is built at each call, the bank counts
     once in a model's ``parameters()``).
@@ -154,7 +194,7 @@ class KernelReuseConv2d(_BankedConv2d):
     """
 
     bank: KernelBank
-    bank_type = KernelBank
+    grain = Grain(KernelBank, key=_key, count=_count, minimum=_minimum, pool=_pool, start_like=_start_like, skip=_skip)
 
     def _init_index(self, channels: int, seed: int, start: int, factory: dict) -> None:
         entry = _kernel_assignment(self.out_channels, self.groups, channels, self.bank.num_kernels, seed, start)
@@ -171,9 +211,7 @@ class KernelReuseConv2d(_BankedConv2d):
                 f"than kh x kw = {kh * kw} kernels adds coefficients but nothing a kernel could not already be, so "
                 "use a small bank (bank_size < kh * kw) or mode='index'"
             )
-        coef = torch.randn(
-            self.out_channels, channels, self.bank.num_kernels, generator=_banked._generator(seed, start)
-        )
+        coef = torch.randn(self.out_channels, channels, self.bank.num_kernels, generator=generator(seed, start))
         self.coef = nn.Parameter(coef.div_(math.sqrt(self.bank.num_kernels * channels)).to(**factory))  # (O, C/g, M)
 
     @property
@@ -185,42 +223,6 @@ class KernelReuseConv2d(_BankedConv2d):
             return (self.coef.flatten(0, 1) @ bank.flatten(1)).view(shape)  # (O*C/g, M) @ (M, kh*kw)
         weight = bank.index_select(0, self.entry.flatten()).view(shape)  # (O, C/g, kh, kw)
         return weight * self.scale[:, :, None, None]  # (O, C/g, kh, kw)
-
-    # conversion (see _BankedConv2d)
-    @staticmethod
-    def _key(conv: nn.Conv2d) -> tuple:
-        return (*conv.kernel_size, conv.weight.dtype, conv.weight.device)
-
-    @staticmethod
-    def _skip(conv: nn.Conv2d) -> str | None:
-        if conv.kernel_size[0] * conv.kernel_size[1] == 1:
-            return "its kernels are 1x1 (single numbers): drawing them from a bank would save nothing"
-        return None
-
-    @staticmethod
-    def _count(conv: nn.Conv2d) -> int:
-        return conv.out_channels * (conv.in_channels // conv.groups)
-
-    @staticmethod
-    def _minimum(convs: Sequence[nn.Conv2d], mode: Mode) -> int:
-        """The smallest bank that index mode accepts: one kernel per output of a group reading a single channel."""
-        if mode == "mix":
-            return 1
-        return max([c.out_channels // c.groups for c in convs if c.in_channels == c.groups], default=1)
-
-    @staticmethod
-    def _pool(convs: Sequence[nn.Conv2d]) -> Tensor:
-        """The convs' kernels, conv by conv and channel-major within a conv (the cycle's order, see
-        :func:`_kernel_assignment`): ``(T, kh, kw)``."""
-        return torch.cat([conv.weight.detach().transpose(0, 1).flatten(0, 1) for conv in convs])
-
-    def _start_like(self, conv: nn.Conv2d, places: Tensor, exact: bool) -> None:
-        if self.mode == "index":
-            self.scale.fill_(1.0)  # the bank holds conv kernels, no 1/sqrt(C/g) needed
-        elif exact:  # one-hot on the layer's own kernels: the conv's weight exactly
-            places = places.view(-1, conv.out_channels).t()  # (O, C/g), channel-major
-            self.coef.zero_()
-            self.coef.scatter_(2, places[:, :, None], 1.0)
 
 
 def kernel_reuse(module: nn.Module, bank_size: BankSize = None, mode: Mode = "index", **options: Any) -> nn.Module:
@@ -262,6 +264,4 @@ def kernel_reuse(module: nn.Module, bank_size: BankSize = None, mode: Mode = "in
         >>> torch.allclose(reuse.kernel_reuse(net)(x), net(x))  # bank_size=None: no compression, same weights
         True
     """
-    return _banked._reuse_convs(
-        module, KernelReuseConv2d, who="kernel_reuse", bank_size=bank_size, mode=mode, **options
-    )
+    return reuse_convs(module, KernelReuseConv2d, who="kernel_reuse", bank_size=bank_size, mode=mode, **options)

@@ -18,140 +18,21 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.module import _addindent
+from torch.nn.modules.module import _addindent  # torch's indenting of nested reprs: no public equivalent
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from reuse._checks import check_bools
+from reuse._checks import check_bool, check_int
 from reuse._errors import ReuseError
-from reuse.delta import DeltaRank, _LowRank, check_rank, low_rank, resolve_rank, takes_delta
+from reuse._per_use import PerUse, is_batchnorm, is_norm, per_use_predicate
+from reuse._tree import check_same_structure, clone_for_use, replace_at
+from reuse.delta import DeltaRank, LowRank, check_rank, low_rank, resolve_rank, takes_delta
 from reuse.shuffle import ChannelShuffle, check_shuffle
 
 __all__ = ["LayerReuse", "PerUse", "is_batchnorm", "is_norm", "wrap"]
-
-PerUse = Literal["batchnorm", "norms", "all"] | Callable[[nn.Module], bool]
-"""Which submodules get one copy per use: ``"batchnorm"`` (anything with running statistics),
-``"norms"`` (BatchNorm plus GroupNorm, LayerNorm, InstanceNorm, RMSNorm), ``"all"`` (every module: nothing
-is shared, the same depth built from new layers, the paper's Table 4 baseline), or a predicate."""
-
-_OTHER_NORMS: tuple[type[nn.Module], ...] = (
-    nn.GroupNorm,
-    nn.LayerNorm,
-    nn.LocalResponseNorm,
-    nn.modules.instancenorm._InstanceNorm,
-    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
-)
-
-
-def is_batchnorm(module: nn.Module) -> bool:
-    """True for a module with running statistics: ``BatchNorm1d/2d/3d``, ``SyncBatchNorm``, their subclasses
-    (timm's ``BatchNormAct2d``) and look-alikes holding a ``running_mean`` buffer (``FrozenBatchNorm2d``).
-
-    Example:
-        >>> is_batchnorm(nn.BatchNorm2d(8)), is_batchnorm(nn.GroupNorm(2, 8))
-        (True, False)
-    """
-    return isinstance(module, nn.modules.batchnorm._BatchNorm) or isinstance(
-        getattr(module, "running_mean", None), Tensor
-    )
-
-
-def is_norm(module: nn.Module) -> bool:
-    """True for any normalisation layer: :func:`is_batchnorm` or GroupNorm, LayerNorm, InstanceNorm, RMSNorm.
-
-    Example:
-        >>> is_norm(nn.GroupNorm(2, 8)), is_norm(nn.Conv2d(8, 8, 1))
-        (True, False)
-    """
-    return is_batchnorm(module) or isinstance(module, _OTHER_NORMS)
-
-
-def is_any_module(module: nn.Module) -> bool:
-    """True for every module: the rule of ``per_use="all"``, under which no use shares anything.
-
-    Example:
-        >>> is_any_module(nn.Conv2d(8, 8, 1))
-        True
-    """
-    return True
-
-
-_PER_USE_RULES: dict[str, Callable[[nn.Module], bool]] = {
-    "batchnorm": is_batchnorm,
-    "norms": is_norm,
-    "all": is_any_module,
-}
-
-
-def _per_use_predicate(per_use: PerUse) -> Callable[[nn.Module], bool]:
-    if isinstance(per_use, str) and per_use in _PER_USE_RULES:
-        return _PER_USE_RULES[per_use]
-    if callable(per_use) and not isinstance(per_use, str):
-        return per_use
-    raise ReuseError(f"per_use must be 'batchnorm', 'norms', 'all' or a predicate on modules, got {per_use!r}")
-
-
-def _shallow_copy(module: nn.Module) -> nn.Module:
-    """A new module object with the same attributes, whose registries (children, parameters, buffers,
-    hooks) are new dicts holding the same objects, so that replacing a child does not touch ``module``."""
-    new = copy.copy(module)
-    for name, value in vars(module).items():
-        if isinstance(value, dict):
-            setattr(new, name, copy.copy(value))
-        elif isinstance(value, set):
-            setattr(new, name, set(value))
-    return new
-
-
-def _replace_private(root: nn.Module, path: str, new: nn.Module, private: set[int]) -> None:
-    """Set ``root.<path> = new``, first replacing each module on the way that is not in ``private`` (not made
-    here) by a light copy of its own: no other path, and nothing the user handed in, sees the change."""
-    *ancestors, leaf = path.split(".")
-    parent = root
-    for name in ancestors:
-        child = parent._modules[name]
-        if id(child) not in private:
-            child = _shallow_copy(child)
-            parent._modules[name] = child
-            private.add(id(child))
-        parent = child
-    parent._modules[leaf] = new
-
-
-def _has_per_use(module: nn.Module, is_per_use: Callable[[nn.Module], bool]) -> bool:
-    return any(is_per_use(m) for m in module.modules())
-
-
-def _clone_for_use(
-    template: nn.Module,
-    is_per_use: Callable[[nn.Module], bool],
-    source: nn.Module | None = None,
-    memo: dict[int, nn.Module] | None = None,
-) -> nn.Module:
-    """The module tree of one more use: per-use modules deep-copied (from ``source`` where given, which
-    has ``template``'s structure), everything else the very same objects as in ``template``.
-
-    One module object stays one object within the use: a BatchNorm held under two attribute names gets one
-    copy, seen under both (``memo`` maps each template module to its counterpart in the new use).
-    """
-    memo = {} if memo is None else memo
-    if id(template) in memo:
-        return memo[id(template)]
-    source = template if source is None else source
-    if is_per_use(template):
-        new = copy.deepcopy(source)
-    elif not _has_per_use(template, is_per_use):
-        new = template
-    else:
-        new = _shallow_copy(template)
-        for name, child in template._modules.items():  # every name, aliases included
-            if child is not None:
-                new._modules[name] = _clone_for_use(child, is_per_use, source._modules[name], memo)
-    memo[id(template)] = new
-    return new
 
 
 def _named_tensors(module: nn.Module) -> Iterator[tuple[str, Tensor]]:
@@ -250,15 +131,17 @@ class LayerReuse(nn.Module):
     ) -> None:
         super().__init__()
         _check_args(block, n, groups)
-        check_bools("LayerReuse", shuffle=shuffle, swap_halves=swap_halves, checkpoint=checkpoint)
+        check_bool(shuffle, "shuffle", "LayerReuse")
+        check_bool(swap_halves, "swap_halves", "LayerReuse")
+        check_bool(checkpoint, "checkpoint", "LayerReuse")
         check_rank(delta_rank, "LayerReuse")
         self.n = n
         self.delta_rank = 0
         self.per_use = per_use
         self.checkpoint = checkpoint
         self.shuffle = ChannelShuffle(groups, swap_halves) if shuffle else None
-        is_per_use = _per_use_predicate(per_use)
-        self.uses = nn.ModuleList([block] + [_clone_for_use(block, is_per_use) for _ in range(n - 1)])
+        is_per_use = per_use_predicate(per_use)
+        self.uses = nn.ModuleList([block] + [clone_for_use(block, is_per_use) for _ in range(n - 1)])
         self._register_hooks()
         if delta_rank:
             self._add_deltas(delta_rank)
@@ -281,10 +164,10 @@ class LayerReuse(nn.Module):
         rank = check_rank(options.pop("delta_rank", 0), "LayerReuse.from_blocks")
         first = copy.deepcopy(blocks[0])
         self = cls(first, n=1, **options)
-        is_per_use = _per_use_predicate(self.per_use)
+        is_per_use = per_use_predicate(self.per_use)
         for i, other in enumerate(blocks[1:], start=1):
-            _check_same_structure(blocks[0], other, i, is_per_use)
-            self.uses.append(_clone_for_use(first, is_per_use, source=other))
+            check_same_structure(blocks[0], other, i, is_per_use)
+            self.uses.append(clone_for_use(first, is_per_use, source=other))
         self.n = len(blocks)
         if rank:
             self._add_deltas(rank)
@@ -294,13 +177,13 @@ class LayerReuse(nn.Module):
         """Wrap each shared plain conv and linear of every use in a low-rank delta of that use's own."""
         paths = self._shared_layer_paths()
         for i in range(self.n):
-            private: set[int] = set()  # modules of this use copied here: safe to change
+            private: set[nn.Module] = set()  # modules of this use copied here: safe to change
             wrapped: dict[int, nn.Module] = {}  # shared layer -> its wrapper in this use (a layer under two names)
             for path in paths:
                 base = self.uses[i].get_submodule(path)
                 if id(base) not in wrapped:
                     wrapped[id(base)] = low_rank(base, resolve_rank(rank, base))
-                _replace_private(self.uses, f"{i}.{path}", wrapped[id(base)], private)
+                private.update(replace_at(self.uses, f"{i}.{path}", wrapped[id(base)], owned=private.__contains__))
         self.delta_rank = rank
 
     def _shared_layer_paths(self) -> list[str]:
@@ -315,7 +198,7 @@ class LayerReuse(nn.Module):
 
     def deltas(self, use: int) -> dict[str, nn.Module]:
         """The delta wrappers of use ``use``, by their path relative to the use (empty without deltas)."""
-        return {name: m for name, m in self.uses[use].named_modules() if isinstance(m, _LowRank)}
+        return {name: m for name, m in self.uses[use].named_modules() if isinstance(m, LowRank)}
 
     def _register_hooks(self) -> None:
         self.register_state_dict_post_hook(_drop_shared_keys)
@@ -438,39 +321,8 @@ def _check_args(block: object, n: object, groups: object) -> None:
             f"LayerReuse: block must be an nn.Module, got {type(block).__name__}; "
             "wrap a module such as nn.Sequential(...) or your block class"
         )
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ReuseError(f"LayerReuse: n must be an int >= 1 (the number of uses), got {n!r}; use n=1 for no reuse")
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise ReuseError(f"LayerReuse: groups must be a positive int that divides the channels, got {groups!r}")
-
-
-def _shapes(module: nn.Module, recurse: bool) -> list[tuple[str, tuple[int, ...]]]:
-    return [(n, tuple(t.shape)) for n, t in module.named_parameters(recurse=recurse, remove_duplicate=False)]
-
-
-def _same_structure(template: nn.Module, other: nn.Module, is_per_use: Callable[[nn.Module], bool]) -> bool:
-    """Whether ``other`` fits where ``template`` is, as :func:`_clone_for_use` uses it: a per-use module
-    (decided on the template, like there) is copied whole from ``other``, so it needs only the same
-    parameter shapes (a block's ``nn.Identity`` where the others hold ``DropPath`` is fine); any other
-    module must have the same class, parameter shapes and children."""
-    if is_per_use(template):
-        return _shapes(template, True) == _shapes(other, True)
-    if type(template) is not type(other) or _shapes(template, False) != _shapes(other, False):
-        return False
-    names = [n for n, c in template.named_children()]
-    if names != [n for n, c in other.named_children()]:
-        return False
-    return all(_same_structure(c, other.get_submodule(n), is_per_use) for n, c in template.named_children())
-
-
-def _check_same_structure(
-    first: nn.Module, other: nn.Module, index: int, is_per_use: Callable[[nn.Module], bool]
-) -> None:
-    if not _same_structure(first, other, is_per_use):
-        raise ReuseError(
-            f"LayerReuse.from_blocks: block {index} ({type(other).__name__}) differs in structure from block 0 "
-            f"({type(first).__name__}); all blocks must have the same submodules and parameter shapes"
-        )
+    check_int(n, "n", "LayerReuse", about="the number of uses; n=1 is no reuse")
+    check_int(groups, "groups", "LayerReuse", about="it must divide the channels")
 
 
 def wrap(block: nn.Module, n: int = 8, shuffle: bool = True, groups: int = 2, **options: Any) -> LayerReuse:

@@ -12,17 +12,18 @@ conv in place for every BatchNorm that follows it, so every use ends up with all
 from __future__ import annotations
 
 import copy
-import inspect
 import warnings
 from collections import Counter
 
 import torch
 from torch import nn
 
-from reuse._checks import check_bool
+from reuse._checks import check_bool, check_module
 from reuse._errors import ReuseError
-from reuse.delta import _LowRank
-from reuse.layer import LayerReuse, _shallow_copy
+from reuse._tracing import LeafTracer, trace
+from reuse._tree import replace_at
+from reuse.delta import LowRank
+from reuse.layer import LayerReuse
 
 __all__ = ["ChannelAffine", "optimize_for_inference"]
 
@@ -66,8 +67,7 @@ def optimize_for_inference(model: nn.Module, *, channels_last: bool = True, shar
         >>> [type(m).__name__ for m in small.uses[2]], small.uses[2][0] is small.uses[0][0]
         (['Conv2d', 'ChannelAffine', 'ReLU'], True)
     """
-    if not isinstance(model, nn.Module):
-        raise ReuseError(f"optimize_for_inference: needs an nn.Module, got {type(model).__name__}")
+    check_module(model, "optimize_for_inference")
     check_bool(channels_last, "channels_last", "optimize_for_inference")
     check_bool(share_weights, "share_weights", "optimize_for_inference")
     model = copy.deepcopy(model).eval()
@@ -124,18 +124,14 @@ class ChannelAffine(nn.Module):
         return str(self.scale.numel())
 
 
-class _ReuseLeafTracer(torch.fx.Tracer):
-    """Trace a scope without entering any LayerReuse: those are folded use by use."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, LayerReuse) or super().is_leaf_module(m, qualname)
+def _is_reused(module: nn.Module) -> bool:
+    return isinstance(module, LayerReuse)
 
 
 def _trace(module: nn.Module) -> torch.fx.Graph:
-    """``module``'s graph, extra forward arguments fixed at their defaults (``LruBlock``'s ``shuffle=None``)."""
-    params = list(inspect.signature(module.forward).parameters.values())[1:]
-    concrete = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
-    return _ReuseLeafTracer().trace(module, concrete_args=concrete or None)
+    """``module``'s graph without entering any LayerReuse (those are folded use by use), extra forward
+    arguments fixed at their defaults (``LruBlock``'s ``shuffle=None``)."""
+    return trace(module, LeafTracer(_is_reused))
 
 
 def _conv_bn_pairs(module: nn.Module, graph: torch.fx.Graph, scope: str) -> list[tuple[str, str]]:
@@ -213,15 +209,7 @@ def _replace(root: nn.Module, path: str, new: nn.Module) -> None:
     """Set ``root.<path> = new`` without touching any other path: a shared ancestor on the way is
     replaced by a light copy of its own first (copy on write)."""
     counts = _path_counts(root)
-    *ancestors, leaf = path.split(".")
-    parent = root
-    for name in ancestors:
-        child = parent._modules[name]
-        if counts[id(child)] > 1:
-            child = _shallow_copy(child)
-            parent._modules[name] = child
-        parent = child
-    parent._modules[leaf] = new
+    replace_at(root, path, new, owned=lambda m: counts[id(m)] == 1)
 
 
 def _merge_deltas(root: nn.Module, layer: LayerReuse) -> None:
@@ -234,7 +222,7 @@ def _merge_deltas(root: nn.Module, layer: LayerReuse) -> None:
     for i in range(layer.n):
         merged: dict[int, nn.Module] = {}  # one plain layer per wrapper, under each of its names
         for path, module in list(layer.uses[i].named_modules(remove_duplicate=False)):
-            if isinstance(module, _LowRank):
+            if isinstance(module, LowRank):
                 if id(module) not in merged:
                     merged[id(module)] = module.merged()
                 _replace(root, f"{prefix}uses.{i}.{path}", merged[id(module)])

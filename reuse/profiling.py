@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from reuse._checks import check_module
 from reuse._errors import ReuseError
 
 __all__ = ["ModuleCost", "Profile", "profile"]
@@ -132,8 +133,7 @@ def profile(
         >>> p.macs == 4 * 8 * 8 * 9 * 16 * 16, p.params, p.params_unrolled  # 576 + 4 x 16, unrolled 4 x 592
         (True, 640, 2368)
     """
-    if not isinstance(model, nn.Module):
-        raise ReuseError(f"profile: needs an nn.Module, got {type(model).__name__}")
+    check_module(model, "profile")
     shape = _shape(input_size)
     if device is None:
         first = next(model.parameters(), None)

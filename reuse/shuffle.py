@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from reuse._checks import check_bool
+from reuse._checks import check_bool, check_int
 from reuse._errors import ReuseError
 
 __all__ = ["ChannelShuffle", "channel_shuffle", "check_shuffle", "shuffle_permutation"]
@@ -32,8 +32,7 @@ def check_shuffle(channels: int, groups: int = 2, swap_halves: bool = True) -> N
         ...
         reuse._errors.ReuseError: channel shuffle: groups=4 does not divide 6 channels; ...
     """
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise ReuseError(f"channel shuffle: groups must be a positive int, got {groups!r}")
+    check_int(groups, "groups", "channel shuffle")
     check_bool(swap_halves, "swap_halves", "channel shuffle")
     if channels < 1:
         raise ReuseError(f"channel shuffle: needs at least one channel, got {channels}")
@@ -49,7 +48,7 @@ def check_shuffle(channels: int, groups: int = 2, swap_halves: bool = True) -> N
         )
 
 
-def _permutation(channels: int, groups: int, swap_halves: bool, device: torch.device | None = None) -> Tensor:
+def unchecked_permutation(channels: int, groups: int, swap_halves: bool, device: torch.device | None = None) -> Tensor:
     """The shuffle's index vector, unchecked; TorchScript compiles it, and it traces and exports to plain
     arithmetic (no ``roll``, which ONNX export of a traced graph does not take without ``dims``)."""
     perm = torch.arange(channels, device=device)  # (C,)
@@ -79,7 +78,7 @@ def shuffle_permutation(
         [0, 4, 1, 5, 2, 6, 3, 7]
     """
     check_shuffle(channels, groups, swap_halves)
-    return _permutation(channels, groups, swap_halves, None if device is None else torch.device(device))
+    return unchecked_permutation(channels, groups, swap_halves, None if device is None else torch.device(device))
 
 
 def channel_shuffle(x: Tensor, groups: int = 2, swap_halves: bool = True) -> Tensor:
@@ -102,7 +101,7 @@ def channel_shuffle(x: Tensor, groups: int = 2, swap_halves: bool = True) -> Ten
         [4.0, 0.0, 5.0, 1.0, 6.0, 2.0, 7.0, 3.0]
     """
     if torch.jit.is_scripting():
-        return x.index_select(1, _permutation(x.shape[1], groups, swap_halves, x.device))  # (B, C, ...)
+        return x.index_select(1, unchecked_permutation(x.shape[1], groups, swap_halves, x.device))  # (B, C, ...)
     return _channel_shuffle_eager(x, groups, swap_halves)
 
 
@@ -133,8 +132,7 @@ class ChannelShuffle(nn.Module):
 
     def __init__(self, groups: int = 2, swap_halves: bool = True) -> None:
         super().__init__()
-        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-            raise ReuseError(f"ChannelShuffle: groups must be a positive int, got {groups!r}")
+        check_int(groups, "groups", "ChannelShuffle")
         check_bool(swap_halves, "swap_halves", "ChannelShuffle")
         self.groups = groups
         self.swap_halves = swap_halves

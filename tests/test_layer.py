@@ -255,7 +255,7 @@ def test_from_blocks_takes_norms_from_each_block() -> None:
 # --- errors -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("n", [0, -1, 2.0, True, "8"])
 def test_bad_n(n: object) -> None:
-    with pytest.raises(ReuseError, match="n must be an int >= 1"):
+    with pytest.raises(ReuseError, match="n must be a positive int"):
         wrap(Residual(8), n=n)  # type: ignore[arg-type]
 
 

@@ -16,6 +16,7 @@ import itertools
 import math
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,10 +26,11 @@ from torch import Tensor, nn
 from reuse._data import model_device
 from reuse.calibration import reestimate
 from reuse.delta import full_rank
-from reuse.fx.find import _Found, _Options
-from reuse.fx.swap import _build
+from reuse.fx.build import Prepared, build
+from reuse.fx.options import Options
+from reuse.fx.plan import PlannedRun
 
-__all__ = ["COST_IMAGES", "RANKS", "choose", "output_cost"]
+__all__ = ["COST_IMAGES", "RANKS", "Choice", "choose", "output_cost"]
 
 RANKS = (0, 1, 2, 4, 8, 16, 32)  # the delta ranks a budget chooses from
 COST_IMAGES = 512  # calibration inputs each option is measured on (fits and the final calibration use them all)
@@ -58,48 +60,50 @@ def output_cost(model: nn.Module, batches: Sequence[Tensor], reference: Sequence
     return total / count
 
 
+@dataclass(frozen=True)
+class Choice:
+    """What a budget chose for one run."""
+
+    rank: int | None  # the delta rank to tie the run with; None: leave it as it is
+    cost: float  # the measured cost of that choice (0.0 for a run left as it is)
+    cheapest: float  # the least cost of tying the run at all
+
+
 def choose(
-    model: nn.Module,
-    todo: list[_Found],
-    prepared: dict[int, tuple[list[nn.Module], list[Tensor] | None, dict]],
-    opts: _Options,
-    batches: list[Tensor],
-    budget: float,
-    notes: list[str],
-) -> dict[int, int | None]:
-    """The delta rank of each run (None: left as it is) so that the model keeps at most ``budget`` of its
-    parameters at the least measured cost; each run's ``cost`` is set to its chosen option's cost."""
+    model: nn.Module, runs: Sequence[PlannedRun], prepared: Sequence[Prepared], opts: Options
+) -> tuple[list[Choice], list[str]]:
+    """One :class:`Choice` per run so that the model keeps at most ``opts.budget`` of its parameters at the least
+    measured cost, and the notes that say what each option cost."""
     total = sum(p.numel() for p in model.parameters())
-    limit = budget * total
-    batches = _first(batches, COST_IMAGES)
+    limit = opts.budget * total
+    batches = _first(list(opts.batches), COST_IMAGES)
     reference = _outputs(model, batches)
-    options: dict[int, list[tuple[int | None, int, float]]] = {}  # run -> [(rank, params saved, cost)]
-    for f in todo:
-        blocks, inputs, cache = prepared[id(f)]
+    options: list[list[tuple[int | None, int, float]]] = []  # per run: [(rank, params saved, cost)]
+    for run, prep in zip(runs, prepared):
         rows: list[tuple[int | None, int, float]] = [(None, 0, 0.0)]
-        for rank in _ranks(blocks[0]):
-            lr = _build(f, opts, blocks, inputs, rank, cache)
-            cost = output_cost(_tied(model, f, lr, batches), batches, reference)
-            rows.append((rank, f.run.params_before - f.run.params_after, cost))
-        options[id(f)] = rows
-    picks = _pick([options[id(f)] for f in todo], total - limit)
+        for rank in _ranks(prep.blocks[0]):
+            built = build(run, prep, opts, rank)
+            cost = output_cost(_tied(model, run, built.layer, batches), batches, reference)
+            rows.append((rank, run.params_before - built.params_after, cost))
+        options.append(rows)
+    notes = []
+    picks = _pick(options, total - limit)
     if picks is None:  # even every run at its smallest does not fit: take the smallest
-        picks = [max(rows, key=lambda r: r[1]) for rows in (options[id(f)] for f in todo)]
+        picks = [max(rows, key=lambda r: r[1]) for rows in options]
         saved = sum(p[1] for p in picks)
         notes.append(
-            f"budget={budget} cannot be met by tying runs: the smallest conversion keeps "
+            f"budget={opts.budget} cannot be met by tying runs: the smallest conversion keeps "
             f"{(total - saved) / total:.3f} of the parameters; that one was taken"
         )
-    for f, (_, _, cost) in zip(todo, picks):
-        f.run.cost = cost
     notes.append(
         "budget: " + "; ".join(
-            f"{f.run.path}: " + ", ".join(f"{'as is' if r is None else f'rank {r}'} -{s:,} cost {c:.4f}"
-                                          for r, s, c in options[id(f)])
-            for f in todo
+            f"{run.path}: " + ", ".join(f"{'as is' if r is None else f'rank {r}'} -{s:,} cost {c:.4f}"
+                                        for r, s, c in rows)
+            for run, rows in zip(runs, options)
         )
     )  # fmt: skip
-    return {id(f): p[0] for f, p in zip(todo, picks)}
+    choices = [Choice(p[0], p[2], min(c for _, _, c in rows[1:])) for p, rows in zip(picks, options)]
+    return choices, notes
 
 
 def _first(batches: list[Tensor], images: int) -> list[Tensor]:
@@ -131,11 +135,11 @@ def _outputs(model: nn.Module, batches: Sequence[Tensor]) -> list[Tensor]:
             m.training = mode
 
 
-def _tied(model: nn.Module, found: _Found, lr: nn.Module, batches: list[Tensor]) -> nn.Module:
+def _tied(model: nn.Module, run: PlannedRun, lr: nn.Module, batches: list[Tensor]) -> nn.Module:
     """A copy of ``model`` computing with ``lr`` in place of the run (the run's first module calls ``lr``, its
     others pass their input on), its running statistics re-estimated on ``batches``."""
     names = {id(m): n for n, m in model.named_modules()}
-    paths = [names[id(m)] for m in found.modules]
+    paths = [names[id(m)] for m in run.modules]
     twin = copy.deepcopy(model)
     first = twin.get_submodule(paths[0])
     first.forward = lr.forward  # type: ignore[method-assign]

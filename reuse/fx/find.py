@@ -1,55 +1,42 @@
-"""How a run is found: candidate blocks, chains of calls in the traced graph, blocks of several modules, and why
-a chain is cut or skipped. The model is only read."""
+"""How a run is found (the plan step of :func:`reuse.fx.convert`): candidate blocks, chains of calls in the
+traced graph, blocks of several modules, and why a chain is cut or skipped. The model is only read; the result is
+an immutable :class:`~reuse.fx.plan.Plan`."""
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import replace
 
 from torch import fx, nn
 
 from reuse._errors import ReuseError
-from reuse.fx.report import Run, _span
-from reuse.fx.shapes import _default_inputs, _record_shapes, _Shape
-from reuse.fx.structure import _count, _KeepPerUse, _shared_count, _Structure
-from reuse.fx.trace import _trace, _Tracer
-from reuse.layer import LayerReuse, PerUse, _per_use_predicate, is_norm
+from reuse._per_use import PerUse, is_norm, per_use_predicate
+from reuse.fx.options import Options
+from reuse.fx.plan import Plan, PlannedRun
+from reuse.fx.report import span
+from reuse.fx.shapes import Shape, default_inputs, record_shapes
+from reuse.fx.structure import KeepPerUse, Structure, count_params, shared_count
+from reuse.fx.trace import BlockTracer, trace_model
+from reuse.layer import LayerReuse
 from reuse.shuffle import check_shuffle
 
-
-@dataclass
-class _Options:
-    min_run: int
-    shuffle: bool
-    groups: int
-    init: str
-    per_use: PerUse
-    leaf_types: tuple[type, ...]
-    leaf_paths: frozenset[str]
-    example_inputs: tuple | None
-    delta_rank: int | float = 0  # convert only: per-use low-rank deltas
-
-
-@dataclass
-class _Found:
-    """A run plus what it takes to convert it."""
-
-    run: Run
-    modules: list[nn.Module]  # every module of the run, in call order
-    units: list[nn.Module]  # its blocks: the modules themselves, or nn.Sequential wrappers of ``period`` modules
-    rule: PerUse = "batchnorm"  # the per_use of its LayerReuse
-
+__all__ = ["MAX_PERIOD", "find"]
 
 MAX_PERIOD = 4  # most modules in one block made of consecutive modules (VGG: conv, BN, ReLU)
+
+
+def find(model: nn.Module, opts: Options) -> Plan:
+    """The runs of ``model`` (checked by :func:`reuse.fx.options.check_options`), converted or skipped."""
+    return _Planner(model, opts).plan()
 
 
 class _Planner:
     """Finds the runs of one model (without changing it)."""
 
-    def __init__(self, model: nn.Module, opts: _Options) -> None:
+    def __init__(self, model: nn.Module, opts: Options) -> None:
         self.model = model
         self.opts = opts
-        self.struct = _Structure()
+        self.struct = Structure()
         named = list(model.named_modules(remove_duplicate=False))
         seen = Counter(id(m) for _, m in named)
         self.path: dict[int, str] = {}
@@ -90,45 +77,51 @@ class _Planner:
                     out.update((id(c), c) for c in group)
         return out
 
-    def plan(self) -> tuple[list[_Found], list[str]]:
-        """The runs and model-level notes; ``self.leaves`` ends as the leaves of the final trace."""
+    def plan(self) -> Plan:
+        """The runs, model-level notes, and the leaves of the final trace."""
+        kept = self._kept_note()
+        params = count_params([self.model])
         if not self.candidates:
-            return [], ["no run: no module has a sibling of the same structure"]
-        inputs = self.opts.example_inputs or _default_inputs(self.model)
-        self.shapes = _record_shapes(self.model, inputs, [m for p, m in self.by_path.items() if p])
+            return Plan(params, (), ("no run: no module has a sibling of the same structure", *kept))
+        inputs = self.opts.example_inputs or default_inputs(self.model)
+        self.shapes = record_shapes(self.model, inputs, [m for p, m in self.by_path.items() if p])
         active = set(self.candidates)
-        opened: list[_Found] = []
+        opened: list[PlannedRun] = []
         inside = {i: self._has_candidate_below(m) for i, m in self.candidates.items()}
         while True:
-            tracer = self._tracer(active)
-            graph = _trace(self.model, tracer, "model", len(inputs))
+            tracer = BlockTracer(active | self.leaf_ids, self.opts.leaf_types)
+            graph = trace_model(self.model, tracer, "model", len(inputs))
             found, notes = self._runs(graph, tracer)
-            in_runs = {id(m) for f in found if not f.run.skipped for m in f.modules}
+            in_runs = {id(m) for f in found if not f.skipped for m in f.modules}
             called = {id(self.by_path[n.target]) for n in graph.nodes if n.op == "call_module"}
             to_open = {i for i in active & called if inside[i] and i not in in_runs}
             if not to_open:
                 break
             for f in found:  # keep the explanation of a skipped outer run whose blocks we now look into
-                if f.run.skipped and any(id(m) in to_open for m in f.modules):
-                    f.run.skipped += " (looked for runs inside its blocks instead)"
-                    opened.append(f)
+                if f.skipped and any(id(m) in to_open for m in f.modules):
+                    opened.append(replace(f, skipped=f.skipped + " (looked for runs inside its blocks instead)"))
             active -= to_open
-        self.leaves = active | self.leaf_ids
         if not found:
             notes.insert(0, "no run: no two same-structure blocks are called one after the other")
-        return opened + found, notes
+        leaves = tuple(self.path[i] for i in active | self.leaf_ids)
+        return Plan(params, tuple(opened + found), (*notes, *kept), leaves)
 
-    def leaf_paths(self) -> list[str]:
-        """Qualified names of the modules kept whole in the final trace."""
-        return [self.path[i] for i in self.leaves]
+    def _kept_note(self) -> tuple[str, ...]:
+        """The note on the LayerReuse modules the model holds already (outermost ones: one is never entered)."""
+        reused = [p or "the model" for p, m in self.by_path.items() if isinstance(m, LayerReuse)]
+        if not reused:
+            return ()
+        outer = [p for p in reused if not any(p.startswith(q + ".") for q in reused if q != p)]
+        listed = ", ".join(outer[:4]) + (f", ... ({len(outer)} in all)" if len(outer) > 4 else "")
+        return (
+            f"kept {len(outer)} LayerReuse module(s) as they are, already reused ({listed}): "
+            "convert neither enters nor re-converts them",
+        )
 
     def _has_candidate_below(self, module: nn.Module) -> bool:
         return any(id(m) in self.candidates for m in module.modules() if m is not module)
 
-    def _tracer(self, active: set[int]) -> _Tracer:
-        return _Tracer(active | self.leaf_ids, self.opts.leaf_types)
-
-    def _runs(self, graph: fx.Graph, tracer: _Tracer) -> tuple[list[_Found], list[str]]:
+    def _runs(self, graph: fx.Graph, tracer: BlockTracer) -> tuple[list[PlannedRun], list[str]]:
         """Chains of sibling modules, each call fed only by the previous one, cut into runs."""
         calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
         attrs = [n.target for n in graph.nodes if n.op == "get_attr"]
@@ -198,23 +191,21 @@ class _Planner:
         return out
 
     def _segments(
-        self, units: list[list[fx.Node]], period: int, calls: Counter, attrs: list[str], tracer: _Tracer
-    ) -> list[_Found]:
+        self, units: list[list[fx.Node]], period: int, calls: Counter, attrs: list[str], tracer: BlockTracer
+    ) -> list[PlannedRun]:
         """Split repeats at the blocks that cannot be reused (shape change, several calls) and check the rest."""
         segments: list[list[list[fx.Node]]] = [[]]
         left_out: list[str] = []
         for unit in units:
             why = self._unit_problem(unit, calls)
             if why:
-                left_out.append(f"{_span([n.target for n in unit])} left out: {why}")
+                left_out.append(f"{span([n.target for n in unit])} left out: {why}")
                 segments.append([])
             else:
                 segments[-1].append(unit)
         out = [self._found(seg, period, "; ".join(left_out), attrs, tracer) for seg in segments if seg]
         if not out:  # every block was left out: report the repeats themselves
-            found = self._found(units, period, "", attrs, tracer, check=False)
-            found.run.skipped = "; ".join(left_out)
-            out.append(found)
+            out.append(replace(self._found(units, period, "", attrs, tracer, check=False), skipped="; ".join(left_out)))
         return out
 
     def _found(
@@ -223,28 +214,29 @@ class _Planner:
         period: int,
         note: str,
         attrs: list[str],
-        tracer: _Tracer,
+        tracer: BlockTracer,
         check: bool = True,
-    ) -> _Found:
+    ) -> PlannedRun:
         mods = [self.by_path[n.target] for unit in units for n in unit]
         if period == 1:
             blocks = mods
         else:  # a block of several modules becomes an nn.Sequential of them (the modules are not changed)
             blocks = [nn.Sequential(*mods[u * period : (u + 1) * period]) for u in range(len(units))]
-        run = Run(
+        run = PlannedRun(
             blocks=tuple(n.target for unit in units for n in unit),
             block_type="+".join(type(m).__name__ for m in mods[:period]),
-            input_shape=self.shapes[id(mods[0])][0][0] if self.shapes.get(id(mods[0])) else None,
-            note=note,
             period=period,
-            params_before=_count(mods),
+            modules=tuple(mods),
+            units=tuple(blocks),
+            rule=self._rule(blocks),
+            input_shape=self.shapes[id(mods[0])][0][0] if self.shapes.get(id(mods[0])) else None,
+            params_before=count_params(mods),
+            note=note,
         )
-        found = _Found(run, mods, blocks, self._rule(blocks))
-        if check:
-            run.skipped = self._run_problem(found, attrs, tracer)
-            if not run.skipped:
-                self._settle(found)
-        return found
+        if not check:
+            return run
+        problem, owner = self._run_problem(run, attrs, tracer)
+        return replace(run, skipped=problem, owner=owner) if problem else self._settled(run, owner)
 
     def _unit_problem(self, unit: list[fx.Node], calls: Counter) -> str:
         for n in unit:
@@ -260,36 +252,37 @@ class _Planner:
             return f"changes the shape {x} -> {y}"
         return ""
 
-    def _run_problem(self, found: _Found, attrs: list[str], tracer: _Tracer) -> str:
-        run, mods = found.run, found.modules
+    def _run_problem(self, run: PlannedRun, attrs: list[str], tracer: BlockTracer) -> tuple[str, str]:
+        """Why the run cannot be converted ("" if it can), and the module whose forward calls its blocks."""
+        mods = run.modules
         if run.n < self.opts.min_run:
-            return f"{run.n} block(s) in a row, fewer than min_run={self.opts.min_run}"
+            return f"{run.n} block(s) in a row, fewer than min_run={self.opts.min_run}", ""
         prefixes = tuple(b + "." for b in run.blocks)
         read = [a for a in attrs if a.startswith(prefixes)]
         if read:
-            return f"the forward reads {read[0]} directly, a tensor inside a block"
+            return f"the forward reads {read[0]} directly, a tensor inside a block", ""
         inside = {id(p) for m in mods for p in m.parameters()}
         for pid in inside:
             outside = [q for q in self.param_paths[pid] if not q.startswith(prefixes)]
             if outside:
-                return f"a block's parameter is tied to {outside[0]}, outside the run"
+                return f"a block's parameter is tied to {outside[0]}, outside the run", ""
         for m in mods:
             for sub_name, sub in m.named_modules():
                 if sub._forward_hooks or sub._forward_pre_hooks or sub._backward_hooks:
                     name = f"{self.path[id(m)]}.{sub_name}".rstrip(".")
-                    return f"{name} has hooks; register them after converting"
+                    return f"{name} has hooks; register them after converting", ""
         owners = {c for b in run.blocks for c in tracer.callers.get(b, [])}
         if len(owners) != 1:
-            return f"its blocks are called from different modules ({', '.join(sorted(owners))})"
-        run.owner = owners.pop()
-        if _shared_count(found.units[0], found.rule) == 0:
-            return "nothing to share: every parameter is per use"
-        return ""
+            return f"its blocks are called from different modules ({', '.join(sorted(owners))})", ""
+        owner = owners.pop()
+        if shared_count(run.units[0], run.rule) == 0:
+            return "nothing to share: every parameter is per use", owner
+        return "", owner
 
     def _rule(self, blocks: list[nn.Module]) -> PerUse:
         """The per-use rule of a run: the option, plus its weightless modules that differ between blocks."""
         classes = self._per_use_classes(blocks)
-        return _KeepPerUse(self.opts.per_use, classes) if classes else self.opts.per_use
+        return KeepPerUse(self.opts.per_use, classes) if classes else self.opts.per_use
 
     def _per_use_classes(self, blocks: list[nn.Module]) -> tuple[type[nn.Module], ...]:
         """Classes of block 0's weightless submodules that differ (class or settings) in another block."""
@@ -306,24 +299,28 @@ class _Planner:
                     classes.append(type(sub))
         return tuple(classes)
 
-    def _settle(self, found: _Found) -> None:
-        """Decide shuffle, per-use classes, how the run is swapped in, and the parameter counts."""
-        run, mods, block = found.run, found.modules, found.units[0]
-        run.per_use = tuple(c.__name__ for c in getattr(found.rule, "classes", ()))
-        run.shuffle, why = _shuffle_choice(self.opts.shuffle, self.opts.groups, run.input_shape, block)
-        if why:
-            run.note = "; ".join(filter(None, [why, run.note]))
-        owner = self.by_path[run.owner]
-        names = [self.parent[id(m)][1] for m in mods]
+    def _settled(self, run: PlannedRun, owner_path: str) -> PlannedRun:
+        """The run with its shuffle, per-use classes, the way it is swapped in, and its parameter count decided."""
+        block = run.units[0]
+        shuffle, why = _shuffle_choice(self.opts.shuffle, self.opts.groups, run.input_shape, block)
+        owner = self.by_path[owner_path]
+        names = [self.parent[id(m)][1] for m in run.modules]
         keys = list(owner._modules)
-        in_owner = all(self.parent[id(m)][0] is owner for m in mods)
+        in_owner = all(self.parent[id(m)][0] is owner for m in run.modules)
         consecutive = in_owner and keys[keys.index(names[0]) : keys.index(names[0]) + len(names)] == names
-        run.via = "sequential" if type(owner).forward is nn.Sequential.forward and consecutive else "graph"
-        per_use = _count([block], _per_use_predicate(found.rule))
-        run.params_after = _shared_count(block, found.rule) + run.n * per_use
+        per_use = count_params([block], per_use_predicate(run.rule))
+        return replace(
+            run,
+            shuffle=shuffle,
+            note="; ".join(filter(None, [why, run.note])),
+            per_use=tuple(c.__name__ for c in getattr(run.rule, "classes", ())),
+            via="sequential" if type(owner).forward is nn.Sequential.forward and consecutive else "graph",
+            owner=owner_path,
+            params_after=shared_count(block, run.rule) + run.n * per_use,
+        )
 
 
-def _shuffle_choice(requested: bool, groups: int, shape: _Shape, block: nn.Module) -> tuple[bool, str]:
+def _shuffle_choice(requested: bool, groups: int, shape: Shape, block: nn.Module) -> tuple[bool, str]:
     """Shuffle as the paper does, when dim 1 of a 4-D input is the channels a convolution reads."""
     if not requested:
         return False, ""

@@ -20,16 +20,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reuse._data import model_device
+from reuse._tracing import layer_graph
 from reuse.align import (
     ChannelGroup,
-    _LeafTracer,
     activation_similarity,
     assignment,
     hidden_groups,
     match_weights,
     permute_group,
 )
-from reuse.delta import _LowRank
+from reuse.delta import LowRank
 from reuse.layer import is_batchnorm
 
 __all__ = [
@@ -161,7 +161,7 @@ def fit_layers(
     for p in paths:
         targets = [b.get_submodule(p) for b in blocks]
         views = [u.get_submodule(p) for u in uses]
-        deltas = [v if isinstance(v, _LowRank) else None for v in views]
+        deltas = [v if isinstance(v, LowRank) else None for v in views]
         shared = deltas[0].base if deltas[0] is not None else views[0]
         after = [u.get_submodule(norms[p]) for u in uses] if norms.get(p) else None
         fit_shared(shared, deltas, targets, moments[p], after)
@@ -172,7 +172,7 @@ def norm_after(block: nn.Module, paths: Sequence[str]) -> dict[str, str]:
     """``{path: norm path}`` for each layer whose output goes to a BatchNorm and nowhere else (in ``block``'s graph):
     such a layer's output may be fitted up to a scale per channel, which the norm takes back."""
     try:
-        graph = _LeafTracer().trace(block)
+        graph = layer_graph(block)
     except Exception:
         return {}
     modules = dict(block.named_modules())
@@ -238,7 +238,7 @@ def _layer_rows(layer: nn.Module, x: Tensor) -> Tensor:
 @torch.no_grad()
 def fit_shared(
     shared: nn.Module,
-    deltas: list[_LowRank | None],
+    deltas: list[LowRank | None],
     targets: list[nn.Module],
     covs: list[Tensor],
     norms: list[nn.Module] | None = None,

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+__all__ = ["ConversionReport", "Run", "span"]
+
 
 @dataclass
 class Run:
@@ -91,7 +93,7 @@ class ConversionReport:
         if self.runs:
             rows = [("run", "k", "block", "input", "shuffle", "params", "status")]
             for r in self.runs:
-                span = _span(list(r.blocks))
+                names = span(list(r.blocks))
                 shape = "x".join(map(str, r.input_shape)) if r.input_shape else "-"
                 params = f"{r.params_before:,} -> {r.params_after:,}" if not r.skipped else f"{r.params_before:,}"
                 if r.params_deltas and not r.skipped:
@@ -99,7 +101,7 @@ class ConversionReport:
                 status = f"skipped: {r.skipped}" if r.skipped else "converted" + (f" ({r.via})" if r.via else "")
                 if not r.skipped:
                     status += _data_steps(r)
-                rows.append((span, str(r.n), r.block_type, shape, "yes" if r.shuffle else "no", params, status))
+                rows.append((names, str(r.n), r.block_type, shape, "yes" if r.shuffle else "no", params, status))
             widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
             for row in rows:
                 lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
@@ -108,7 +110,7 @@ class ConversionReport:
         return "\n".join(lines)
 
 
-def _span(names: list[str]) -> str:
+def span(names: list[str]) -> str:
     """``a.1 .. 3`` for a.1, a.2, a.3."""
     return names[0] if len(names) == 1 else f"{names[0]} .. {names[-1].rpartition('.')[2]}"
 

@@ -11,10 +11,12 @@ from torch import Tensor, nn
 
 from reuse._errors import ReuseError
 
-_Shape = tuple[int, ...] | None
+__all__ = ["Shape", "default_inputs", "record_shapes"]
+
+Shape = tuple[int, ...] | None  # a tensor's shape; None for what is not one tensor
 
 
-def _default_inputs(model: nn.Module) -> tuple[Tensor, ...]:
+def default_inputs(model: nn.Module) -> tuple[Tensor, ...]:
     """An example input from timm's ``pretrained_cfg`` or the first convolution's ``in_channels``."""
     like = next(model.parameters(), None)
     dtype = like.dtype if like is not None and like.is_floating_point() else torch.float32
@@ -32,7 +34,7 @@ def _default_inputs(model: nn.Module) -> tuple[Tensor, ...]:
     )
 
 
-def _shape(x: object) -> _Shape:
+def _shape(x: object) -> Shape:
     return tuple(x.shape) if isinstance(x, Tensor) else None
 
 
@@ -68,9 +70,9 @@ def _swapped_tensors(model: nn.Module, make: Callable[[Tensor], Tensor]) -> Iter
             registry[name] = t
 
 
-def _record_shapes(
+def record_shapes(
     model: nn.Module, inputs: tuple, modules: Iterable[nn.Module]
-) -> dict[int, list[tuple[_Shape, _Shape]]]:
+) -> dict[int, list[tuple[Shape, Shape]]]:
     """Input and output shape of each call of ``modules`` in one forward pass of ``model``.
 
     The pass runs in eval mode (any batch size goes) on the ``meta`` device: parameters and buffers are
@@ -78,7 +80,7 @@ def _record_shapes(
     on meta runs for real, under ``no_grad`` and on copies of the buffers. The tensors, hooks and modes are
     put back as they were: nothing of the model is changed.
     """
-    records: dict[int, list[tuple[_Shape, _Shape]]] = {}
+    records: dict[int, list[tuple[Shape, Shape]]] = {}
 
     def hook(module: nn.Module, args: tuple, kwargs: dict, out: object) -> None:
         x = args[0] if len(args) == 1 and not kwargs else None

@@ -1,5 +1,5 @@
-"""The structure of a module: when two blocks are the same block (:class:`_Structure`), which of their
-submodules are kept one per use (:class:`_KeepPerUse`), and parameter counts that count a shared tensor once."""
+"""The structure of a module: when two blocks are the same block (:class:`Structure`), which of their
+submodules are kept one per use (:class:`KeepPerUse`), and parameter counts that count a shared tensor once."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from reuse.layer import PerUse, _per_use_predicate
+from reuse._per_use import PerUse, per_use_predicate
+
+__all__ = ["KeepPerUse", "Structure", "count_params", "shared_count"]
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 _SCALARS = (bool, int, float, complex, str, bytes, type(None))
@@ -65,7 +67,7 @@ def _kind(module: nn.Module) -> object:
     return type(module)
 
 
-class _Structure:
+class Structure:
     """Structure keys of modules, interned to ints so that comparing two blocks is one int comparison.
 
     The key of a module covers its class, settings, parameter and buffer shapes and its children's keys.
@@ -124,7 +126,7 @@ def _weightless(module: nn.Module) -> bool:
     return next(module.parameters(), None) is None and next(module.buffers(), None) is None
 
 
-class _KeepPerUse:
+class KeepPerUse:
     """Per-use rule of a converted run: the ``per_use`` option, plus the weightless modules of the given
     classes (drop-path, stochastic depth: modules whose settings differ from block to block).
 
@@ -132,7 +134,7 @@ class _KeepPerUse:
 
     Example:
         >>> from torchvision.ops import StochasticDepth
-        >>> rule = _KeepPerUse("batchnorm", (StochasticDepth,))
+        >>> rule = KeepPerUse("batchnorm", (StochasticDepth,))
         >>> rule(StochasticDepth(0.1, "row")), rule(nn.BatchNorm2d(4)), rule(nn.Conv2d(4, 4, 1))
         (True, True, False)
     """
@@ -146,10 +148,10 @@ class _KeepPerUse:
     def __call__(self, module: nn.Module) -> bool:
         if isinstance(module, self.classes) and _weightless(module):
             return True
-        return _per_use_predicate(self.base)(module)
+        return per_use_predicate(self.base)(module)
 
 
-def _count(mods: Iterable[nn.Module], keep: Callable[[nn.Module], bool] | None = None) -> int:
+def count_params(mods: Iterable[nn.Module], keep: Callable[[nn.Module], bool] | None = None) -> int:
     """Parameters of ``mods`` counted once; with ``keep``, only those inside modules it selects."""
     seen: set[int] = set()
     total = 0
@@ -168,5 +170,6 @@ def _selected(module: nn.Module, keep: Callable[[nn.Module], bool]) -> list[nn.M
     return [m for child in module.children() for m in _selected(child, keep)]
 
 
-def _shared_count(block: nn.Module, rule: PerUse) -> int:
-    return _count([block]) - _count([block], _per_use_predicate(rule))
+def shared_count(block: nn.Module, rule: PerUse) -> int:
+    """Parameters of ``block`` that the uses of a run share under ``rule``."""
+    return count_params([block]) - count_params([block], per_use_predicate(rule))

@@ -1,69 +1,60 @@
-"""How a run is swapped in: the :class:`~reuse.LayerReuse` built from a run's blocks, put in place of the blocks
-in their ``nn.Sequential``, or in a ``torch.fx.GraphModule`` of the module whose ``forward`` calls them."""
+"""The apply step of :func:`reuse.fx.convert`: each built :class:`~reuse.LayerReuse` put in place of its run's
+blocks, in their ``nn.Sequential``, or in a ``torch.fx.GraphModule`` of the module whose ``forward`` calls them.
+The model handed in is deep-copied first unless ``inplace``."""
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
+from dataclasses import dataclass
 
-import torch
 from torch import fx, nn
 
 from reuse._errors import ReuseError
-from reuse.delta import DeltaRank, init_from_blocks
-from reuse.fx.find import _Found, _Options, _Planner
-from reuse.fx.fit import fit_layers
-from reuse.fx.report import Run
-from reuse.fx.trace import _Tracer
+from reuse.fx.options import Options
+from reuse.fx.plan import Plan, PlannedRun
+from reuse.fx.trace import BlockTracer
 from reuse.layer import LayerReuse
 
-
-def _build(
-    found: _Found,
-    opts: _Options,
-    blocks: list[nn.Module] | None = None,
-    inputs: list[torch.Tensor] | None = None,
-    rank: DeltaRank | None = None,
-    cache: dict | None = None,
-) -> LayerReuse:
-    """The LayerReuse of a run: shared weights from the first block (or the mean, or fitted on ``inputs`` with
-    ``init="fit"``), use ``i``'s per-use modules from block ``i``, and with a delta rank (``rank``, else
-    ``opts.delta_rank``) each use's deltas from the SVD of block ``i`` minus the shared weights (weighted by
-    block ``i``'s inputs when fitted). ``blocks``: the run's blocks as they should be tied (aligned copies)."""
-    run = found.run
-    blocks = found.units if blocks is None else blocks
-    rank = opts.delta_rank if rank is None else rank
-    lr = LayerReuse.from_blocks(blocks, shuffle=run.shuffle, groups=opts.groups, per_use=found.rule)
-    lr.training = found.modules[0].training
-    if opts.init == "mean":
-        sources = [dict(m.named_parameters(remove_duplicate=False)) for m in blocks]
-        params = dict(lr.uses[0].named_parameters(remove_duplicate=False))
-        with torch.no_grad():
-            for name in lr.shared_names():
-                if name in params and params[name].is_floating_point():
-                    # in float64: the mean of k equal tensors is then exactly that tensor
-                    params[name].copy_(torch.stack([s[name].double() for s in sources]).mean(0))
-    paths = lr._shared_layer_paths()
-    run.params_deltas, run.rank = 0, rank
-    if rank:
-        lr._add_deltas(rank)
-        for i, block in enumerate(blocks):
-            init_from_blocks(lr.deltas(i), block)
-        for m in lr.modules():
-            m.training = lr.training
-        run.params_deltas = sum(p.numel() for i in range(lr.n) for d in lr.deltas(i).values() for p in _own(d))
-    if opts.init == "fit" and inputs is not None:
-        fitted = fit_layers(lr.uses, paths, blocks, inputs, cache)
-        run.fitted = len(fitted)
-    run.params_after = sum(p.numel() for p in lr.parameters())
-    return lr
+__all__ = ["Applied", "apply"]
 
 
-def _own(delta: nn.Module) -> list[nn.Parameter]:
-    """A delta wrapper's own parameters (its factors and bias offset), not the shared layer's."""
-    return [p for name, p in delta.named_parameters() if not name.startswith("base.")]
+@dataclass(frozen=True, eq=False)
+class Applied:
+    """The converted model and what the swap could not do."""
+
+    model: nn.Module  # the converted model: a copy, or the model handed in with ``inplace``
+    failed: Mapping[int, str]  # run index -> why its LayerReuse could not be swapped in (graph runs only)
+    graph_modules: tuple[str, ...]  # modules replaced by a GraphModule ("" = the model)
+    notes: tuple[str, ...]  # one per GraphModule made
 
 
-def _swap_in_sequential(model: nn.Module, run: Run, lr: LayerReuse) -> None:
+def apply(model: nn.Module, plan: Plan, layers: Mapping[int, LayerReuse], opts: Options) -> Applied:
+    """Swap ``layers`` (run index -> its LayerReuse) into ``model`` (a deep copy unless ``opts.inplace``)."""
+    runs = plan.runs
+    in_sequential = [i for i in layers if runs[i].via == "sequential"]
+    work = model if opts.inplace else _copy(model, [m for i in in_sequential for m in runs[i].modules])
+    for i in in_sequential:
+        _swap_in_sequential(work, runs[i], layers[i])
+    in_graph = [i for i in layers if runs[i].via == "graph"]
+    owners = sorted({runs[i].owner for i in in_graph}, key=lambda p: -p.count(".") - bool(p))  # innermost first
+    failed: dict[int, str] = {}
+    graph_modules, notes = [], []
+    for owner in owners:
+        mine = [i for i in in_graph if runs[i].owner == owner]
+        work, why = _swap_in_graph(work, owner, [runs[i] for i in mine], [layers[i] for i in mine], plan, opts)
+        failed.update({i: why[k] for k, i in enumerate(mine) if k in why})
+        if len(why) < len(mine):
+            graph_modules.append(owner)
+            what = f"'{owner}'" if owner else f"the model ({type(model).__name__})"
+            notes.append(
+                f"{what} is now a torch.fx.GraphModule: its forward calls the blocks itself "
+                "(not as an nn.Sequential), so its traced forward was rewritten"
+            )
+    return Applied(work, failed, tuple(graph_modules), tuple(notes))
+
+
+def _swap_in_sequential(model: nn.Module, run: PlannedRun, lr: LayerReuse) -> None:
     """Put ``lr`` where the run's first block is in its nn.Sequential, and drop the other blocks."""
     owner = model.get_submodule(run.owner)
     names = [b.rpartition(".")[2] for b in run.blocks]
@@ -73,34 +64,35 @@ def _swap_in_sequential(model: nn.Module, run: Run, lr: LayerReuse) -> None:
 
 
 def _swap_in_graph(
-    model: nn.Module, owner_path: str, founds: list[_Found], lrs: list[LayerReuse], planner: _Planner
+    model: nn.Module, owner_path: str, runs: list[PlannedRun], lrs: list[LayerReuse], plan: Plan, opts: Options
 ) -> tuple[nn.Module, dict[int, str]]:
     """Trace the owner alone, replace each run's calls by one call of its LayerReuse, and put a GraphModule
-    of the result where the owner was. Returns the (possibly new) model and why runs failed, by run id."""
+    of the result where the owner was. Returns the (possibly new) model and why runs failed, by position in
+    ``runs``."""
     owner = model.get_submodule(owner_path)
     leaves = set()
-    for path in planner.leaf_paths():  # the same leaves as when the runs were found, in ``model``
+    for path in plan.leaf_paths:  # the same leaves as when the runs were found, in ``model``
         try:
             leaves.add(id(model.get_submodule(path)))
         except AttributeError:  # swapped out of an nn.Sequential already
             pass
-    tracer = _Tracer(leaves, planner.opts.leaf_types)
+    tracer = BlockTracer(leaves, opts.leaf_types)
     try:
         graph = tracer.trace(owner)
     except Exception as err:
         why = f"{owner_path or 'the model'} cannot be traced alone ({type(err).__name__}: {err})"
-        return model, {id(f): why for f in founds}
+        return model, dict.fromkeys(range(len(runs)), why)
     nodes = {n.target: n for n in graph.nodes if n.op == "call_module"}
     prefix = owner_path + "." if owner_path else ""
     failed = {}
-    for f, lr in zip(founds, lrs):
-        rel = [b[len(prefix) :] for b in f.run.blocks]
+    for k, (run, lr) in enumerate(zip(runs, lrs)):
+        rel = [b[len(prefix) :] for b in run.blocks]
         chain = [nodes.get(r) for r in rel]
         linked = all(n is not None for n in chain) and all(
             b.args == (a,) and not b.kwargs and len(a.users) == 1 for a, b in zip(chain, chain[1:])
         )
         if not linked:
-            failed[id(f)] = f"traced alone, {owner_path or 'the model'} does not call the blocks as a chain"
+            failed[k] = f"traced alone, {owner_path or 'the model'} does not call the blocks as a chain"
             continue
         with graph.inserting_after(chain[-1]):
             new = graph.call_module(rel[0], args=chain[0].args)
@@ -109,7 +101,7 @@ def _swap_in_graph(
             graph.erase_node(n)
         parent_path, _, name = rel[0].rpartition(".")
         setattr(owner.get_submodule(parent_path), name, lr)
-    if len(failed) == len(founds):
+    if len(failed) == len(runs):
         return model, failed
     gm = fx.GraphModule(owner, graph)
     gm.training = owner.training

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 import sys
 import traceback
@@ -14,25 +13,26 @@ import torch
 from torch import fx, nn
 
 from reuse._errors import ReuseError
+from reuse._tracing import LeafTracer, trace
 from reuse.layer import LayerReuse
 
+__all__ = ["BlockTracer", "trace_model"]
 
-class _Tracer(fx.Tracer):
+
+class BlockTracer(LeafTracer):
     """Keeps the candidate blocks (and ``leaf_modules``, timm's no-trace modules, LayerReuse) as leaves and
     records, for each leaf call, which module's ``forward`` made it."""
 
     def __init__(self, leaves: set[int], leaf_types: tuple[type, ...]) -> None:
-        super().__init__(autowrap_functions=_timm_notrace_functions())
+        super().__init__(self._keeps, autowrap_functions=_timm_notrace_functions())
         self.leaves = leaves
         self.leaf_types = leaf_types + _timm_notrace_modules() + (LayerReuse,)
         self.callers: dict[str, list[str]] = {}
         self.failed_at: tuple[str, str] | None = None  # (path, class) of the innermost module that failed
         self._stack: list[str] = []
 
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return (
-            id(m) in self.leaves or isinstance(m, self.leaf_types) or super().is_leaf_module(m, module_qualified_name)
-        )
+    def _keeps(self, m: nn.Module) -> bool:
+        return id(m) in self.leaves or isinstance(m, self.leaf_types)
 
     def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
         path = self.path_of_module(m)
@@ -50,7 +50,9 @@ class _Tracer(fx.Tracer):
 
 
 def _timm_notrace_modules() -> tuple[type, ...]:
-    fx_registry = sys.modules.get("timm.layers._fx")  # only if the user's code imported timm
+    # timm keeps its registry of modules FX must not enter in this private module; read only if the user's code
+    # imported timm (reuse does not import it)
+    fx_registry = sys.modules.get("timm.layers._fx")
     return tuple(fx_registry.get_notrace_modules()) if fx_registry is not None else ()
 
 
@@ -63,41 +65,24 @@ def _timm_notrace_functions() -> tuple[Callable, ...]:
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep  # with the separator: torchvision is model code
 _THIS_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep  # reuse/fx/: the pass itself
+_TRACING = os.path.abspath(trace.__code__.co_filename)  # reuse/_tracing.py: the library's tracer, which the pass calls
 
 
 def _failing_line(err: BaseException) -> str:
     """The innermost line of model code (not torch, not this package) in the traceback."""
     for frame in reversed(traceback.extract_tb(err.__traceback__)):
         name = os.path.abspath(frame.filename)
-        if not name.startswith((_TORCH_DIR, _THIS_PACKAGE)):
+        if not name.startswith((_TORCH_DIR, _THIS_PACKAGE, _TRACING)):
             code = f" `{frame.line.strip()}`" if frame.line else ""
             return f"{os.path.basename(frame.filename)}:{frame.lineno}{code}"
     return "inside torch"
 
 
-def _defaults(module: nn.Module, given: int) -> dict[str, Any]:
-    """The ``forward`` arguments after the ``given`` first ones that have defaults, at their defaults.
-
-    Traced as constants: otherwise FX makes ``attn_mask=None`` a proxy and ``if attn_mask is not None``
-    takes the wrong branch (timm's ViT calls its blocks one by one with keywords there).
-    """
-    try:
-        params = list(inspect.signature(module.forward).parameters.values())
-    except (TypeError, ValueError):
-        return {}
-    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    return {
-        p.name: p.default
-        for p in params[given:]
-        if p.kind in (*positional, inspect.Parameter.KEYWORD_ONLY) and p.default is not inspect.Parameter.empty
-    }
-
-
-def _trace(root: nn.Module, tracer: _Tracer, what: str, given: int = 1) -> fx.Graph:
+def trace_model(root: nn.Module, tracer: BlockTracer, what: str, given: int = 1) -> fx.Graph:
     """Trace ``root`` called with ``given`` positional tensors, its other arguments left at their defaults;
     any failure becomes a ReuseError naming the module path and the operation."""
     try:
-        return tracer.trace(root, concrete_args=_defaults(root, given) or None)
+        return trace(root, tracer, given)
     except Exception as err:  # FX raises TraceError, TypeError, RuntimeError, NameError, ...
         path, cls = tracer.failed_at or ("", type(root).__name__)
         where = f"in module '{path}' ({cls})" if path else f"in the forward of {cls} itself"

@@ -3,7 +3,6 @@
 Importing this package registers LruNet with timm (see :mod:`reuse.models._timm`).
 """
 
-from reuse.models import _timm  # noqa: F401  (registers lrunet* with timm)
 from reuse.models._official import (
     RELEASE_SHA256,
     OfficialCheckpoint,
@@ -11,6 +10,7 @@ from reuse.models._official import (
     load_official,
     read_official,
 )
+from reuse.models._timm import checkpoint_filter_fn  # noqa: F401  (the import registers lrunet* with timm)
 from reuse.models.lrunet import GlobalPool, LruBlock, LruNet, SelfConcat
 
 __all__ = [

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from reuse._errors import ReuseError
-from reuse.shuffle import _permutation
+from reuse.shuffle import unchecked_permutation
 
 __all__ = ["repeat_gather", "saved_as_gather"]
 
@@ -26,7 +26,7 @@ def _build_indices(channels: int, groups: int, swap: bool, device: torch.device)
     """The shuffle ``perm`` (identity when ``groups == 0``), the repeated shuffle ``perm[c // 2]`` over 2C
     channels, and ``perm``'s inverse. Scriptable, and traced as arithmetic on ``arange``."""
     if groups > 0:
-        perm = _permutation(channels, groups, swap, device)  # (C,)
+        perm = unchecked_permutation(channels, groups, swap, device)  # (C,)
     else:
         perm = torch.arange(channels, device=device)  # (C,)
     rep = perm.unsqueeze(1).expand(channels, 2).reshape(2 * channels)  # (2C,), rep[j] = perm[j // 2]

@@ -75,7 +75,7 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def _check_release_digest(path: Path) -> None:
+def check_release_digest(path: Path) -> None:
     """A file named like one of the authors' releases must be that release, byte for byte."""
     expected = RELEASE_SHA256.get(path.name)
     if expected is None:
@@ -168,7 +168,7 @@ def read_official(path: str | os.PathLike) -> OfficialCheckpoint:
             f"load_official: no checkpoint file at {path}; download the authors' file from "
             f"{OFFICIAL_URL.format(file=path.name or '<file>')} and pass its path"
         )
-    _check_release_digest(path)
+    check_release_digest(path)
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for truncated or foreign files

@@ -32,7 +32,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch import Tensor
 
 from reuse._errors import ReuseError
-from reuse.models._official import OFFICIAL_URL, _check_release_digest, convert_official, lrunet_state_dict
+from reuse.models._official import OFFICIAL_URL, check_release_digest, convert_official, lrunet_state_dict
 from reuse.models.lrunet import LruNet
 
 __all__ = ["checkpoint_filter_fn"]
@@ -116,7 +116,7 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> LruNet:
         path = Path(overlay["file"])
         if path.is_file():  # a local copy of a release file must be that file (timm reports a missing one)
             try:
-                _check_release_digest(path)
+                check_release_digest(path)
             except ReuseError as err:
                 raise ReuseError(f"timm.create_model({variant!r}, pretrained=True): {err}") from None
     return build_model_with_cfg(LruNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)

@@ -16,10 +16,11 @@ concatenate its output with itself to reach 128; other widths scale the stem too
 import torch
 from torch import Tensor, nn
 
-from reuse._checks import check_bools
+from reuse._checks import check_bool, check_int
 from reuse._errors import ReuseError
 from reuse.layer import LayerReuse, wrap
 from reuse.models._gather import repeat_gather, saved_as_gather
+from reuse.models._layers import GlobalPool, SelfConcat, take_indices
 
 __all__ = ["LruBlock", "LruNet", "SelfConcat"]
 
@@ -83,13 +84,6 @@ class LruBlock(nn.Module):
 torch.fx.wrap("repeat_gather")
 
 
-class SelfConcat(nn.Module):
-    """Concatenate a tensor with itself along the channels, doubling them without parameters."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return torch.cat([x, x], dim=1)  # (B, 2C, H, W)
-
-
 def _widths(width_mult: float) -> tuple[int, tuple[int, int, int, int], int]:
     if isinstance(width_mult, bool) or not isinstance(width_mult, (int, float)) or not width_mult > 0:
         raise ReuseError(
@@ -105,61 +99,6 @@ def _widths(width_mult: float) -> tuple[int, tuple[int, int, int, int], int]:
                 "(the pointwise convolutions use 8 groups); pick a width that keeps 64*width a multiple of 8"
             )
     return stem, stages, head  # type: ignore[return-value]
-
-
-_POOLS = ("avg", "max", "avgmax", "")
-
-
-class GlobalPool(nn.Module):
-    """Global pooling of the head, timm's ``global_pool`` names: ``"avg"`` (the paper's), ``"max"``,
-    ``"avgmax"`` (their mean) or ``""`` (none: the class maps or features stay ``(B, C, h, w)``).
-
-    Example:
-        >>> GlobalPool("max")(torch.arange(8.0).view(1, 2, 2, 2)).tolist()
-        [[3.0, 7.0]]
-    """
-
-    def __init__(self, pool_type: str = "avg") -> None:
-        super().__init__()
-        if pool_type not in _POOLS:
-            raise ReuseError(f"LruNet: global_pool must be one of {_POOLS}, got {pool_type!r}")
-        self.pool_type = pool_type
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.pool_type == "":
-            return x  # (B, C, h, w)
-        if self.pool_type == "max":
-            return x.amax((2, 3))  # (B, C)
-        avg = nn.functional.adaptive_avg_pool2d(x, 1).flatten(1)  # (B, C)
-        if self.pool_type == "avgmax":
-            return 0.5 * (avg + x.amax((2, 3)))  # (B, C)
-        return avg
-
-    def extra_repr(self) -> str:
-        return f"pool_type={self.pool_type!r}"
-
-
-def _take_indices(levels: int, indices: int | list[int] | tuple[int, ...] | None) -> tuple[list[int], int]:
-    """timm's feature indices: None (all levels), an int n (the last n) or a list (negative counts from the
-    end). Returns the levels taken, ascending, and the largest."""
-    if indices is None:
-        take = list(range(levels))
-    elif isinstance(indices, int) and not isinstance(indices, bool):
-        if not 0 < indices <= levels:
-            raise ReuseError(f"LruNet: indices={indices} asks for the last {indices} of {levels} feature levels")
-        take = list(range(levels - indices, levels))
-    else:
-        take = sorted(i + levels if i < 0 else i for i in indices)
-        if not take or not all(0 <= i < levels for i in take):
-            raise ReuseError(
-                f"LruNet: indices={list(indices)} must name feature levels in -{levels}..{levels - 1} (stem, stages)"
-            )
-    return take, max(take)
-
-
-def _check_int(name: str, value: object, minimum: int, hint: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ReuseError(f"LruNet: {name} must be an int >= {minimum}, got {value!r} ({hint})")
 
 
 class LruNet(nn.Module):
@@ -202,10 +141,11 @@ class LruNet(nn.Module):
         global_pool: str = "avg",
     ) -> None:
         super().__init__()
-        _check_int("reuse", reuse, 1, "the number of uses of each LRU block; 1 is no reuse")
-        _check_int("num_classes", num_classes, 0, "0 gives no classifier")
-        _check_int("in_chans", in_chans, 1, "3 for RGB, 1 for Fashion-MNIST")
-        check_bools("LruNet", shuffle=shuffle, share=share)
+        check_int(reuse, "reuse", "LruNet", about="the number of uses of each LRU block; 1 is no reuse")
+        check_int(num_classes, "num_classes", "LruNet", at_least=0, about="0 gives no classifier")
+        check_int(in_chans, "in_chans", "LruNet", about="3 for RGB, 1 for Fashion-MNIST")
+        check_bool(shuffle, "shuffle", "LruNet")
+        check_bool(share, "share", "LruNet")
         if not share and level != "layer":
             raise ReuseError(
                 f"LruNet: share=False builds new layers for every use; it takes level='layer', got {level!r}"
@@ -284,7 +224,7 @@ class LruNet(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the last convolution with a new one for ``num_classes`` classes (0: no classifier), and the
         global pooling when ``global_pool`` is given (``""``: none)."""
-        _check_int("num_classes", num_classes, 0, "0 gives no classifier")
+        check_int(num_classes, "num_classes", "LruNet", at_least=0, about="0 gives no classifier")
         if global_pool is not None:
             self.global_pool = GlobalPool(global_pool)
         like = self.stem[0].weight
@@ -352,7 +292,7 @@ class LruNet(nn.Module):
         """
         if output_fmt != "NCHW":
             raise ReuseError(f"LruNet.forward_intermediates: output_fmt must be 'NCHW', got {output_fmt!r}")
-        take, last = _take_indices(len(self.feature_info), indices)
+        take, last = take_indices(len(self.feature_info), indices)
         levels = self._levels()[: last + 1] if stop_early else self._levels()
         intermediates = []
         for i, (level, following) in enumerate(levels):
@@ -371,7 +311,7 @@ class LruNet(nn.Module):
     ) -> list[int]:
         """Drop what no level in ``indices`` needs (later stages, and the head if ``prune_head``); returns the
         levels kept. timm's ``features_only=True, feature_cls="getter"`` calls it."""
-        take, last = _take_indices(len(self.feature_info), indices)
+        take, last = take_indices(len(self.feature_info), indices)
         names = [
             ("stem_concat", "stage1"),
             ("pool1", "concat1", "stage2"),
