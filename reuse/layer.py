@@ -144,7 +144,7 @@ class LayerReuse(nn.Module):
         self.uses = nn.ModuleList([block] + [clone_for_use(block, is_per_use) for _ in range(n - 1)])
         self._register_hooks()
         if delta_rank:
-            self._add_deltas(delta_rank)
+            self.add_deltas(delta_rank)
 
     @classmethod
     @torch.jit.ignore
@@ -170,12 +170,29 @@ class LayerReuse(nn.Module):
             self.uses.append(clone_for_use(first, is_per_use, source=other))
         self.n = len(blocks)
         if rank:
-            self._add_deltas(rank)
+            self.add_deltas(rank)
         return self
 
-    def _add_deltas(self, rank: DeltaRank) -> None:
-        """Wrap each shared plain conv and linear of every use in a low-rank delta of that use's own."""
-        paths = self._shared_layer_paths()
+    def add_deltas(self, rank: DeltaRank) -> None:
+        """Wrap each shared plain conv and linear of every use in a low-rank delta of that use's own (zero at
+        first, so the function is unchanged), as ``delta_rank=rank`` at construction does; for code that sets
+        the shared weights first (``reuse.fx.convert``'s ``init="mean"``).
+
+        Example:
+            >>> m = LayerReuse(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)), n=2, shuffle=False)
+            >>> m.add_deltas(2)
+            >>> sorted(m.deltas(1)), m.delta_rank
+            (['0'], 2)
+        """
+        check_rank(rank, "LayerReuse.add_deltas")
+        if self.delta_rank:
+            raise ReuseError(
+                f"LayerReuse.add_deltas: this block already has deltas (delta_rank={self.delta_rank!r}); "
+                "build it again with the rank wanted"
+            )
+        if not rank:
+            return
+        paths = self.shared_layer_paths()
         for i in range(self.n):
             private: set[nn.Module] = set()  # modules of this use copied here: safe to change
             wrapped: dict[int, nn.Module] = {}  # shared layer -> its wrapper in this use (a layer under two names)
@@ -186,8 +203,13 @@ class LayerReuse(nn.Module):
                 private.update(replace_at(self.uses, f"{i}.{path}", wrapped[id(base)], owned=private.__contains__))
         self.delta_rank = rank
 
-    def _shared_layer_paths(self) -> list[str]:
-        """Paths (relative to a use, every alias) of the plain convs and linears that all uses share."""
+    def shared_layer_paths(self) -> list[str]:
+        """Paths (relative to a use, every alias) of the plain convs and linears that all uses share.
+
+        Example:
+            >>> LayerReuse(nn.Sequential(nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8)), n=3).shared_layer_paths()
+            ['0']
+        """
         first = dict(self.uses[0].named_modules(remove_duplicate=False))
         others = [dict(use.named_modules(remove_duplicate=False)) for use in self.uses[1:]]
         return [

@@ -255,6 +255,23 @@ def test_wrap_with_deltas_starts_as_plain_reuse_and_counts_once() -> None:
     assert "delta_rank=2" in repr(relaxed)
 
 
+def test_add_deltas_later_equals_deltas_at_construction() -> None:
+    torch.manual_seed(0)
+    block = randomize(Residual(8)).eval()
+    at_once = reuse.wrap(copy.deepcopy(block), n=3, shuffle=False, delta_rank=2).eval()
+    later = reuse.wrap(copy.deepcopy(block), n=3, shuffle=False).eval()
+    assert later.shared_layer_paths() == ["conv1", "conv2"]  # Residual: two convs, both shared
+    later.add_deltas(2)
+    assert later.delta_rank == 2 and [sorted(later.deltas(i)) for i in range(3)] == [["conv1", "conv2"]] * 3
+    assert sum(p.numel() for p in later.parameters()) == sum(p.numel() for p in at_once.parameters())
+    x = torch.randn(2, 8, 5, 5)
+    torch.testing.assert_close(later(x), at_once(x))
+    with pytest.raises(ReuseError, match=r"add_deltas: this block already has deltas \(delta_rank=2\)"):
+        later.add_deltas(1)
+    with pytest.raises(ReuseError, match="LayerReuse.add_deltas: delta_rank must be"):
+        later.add_deltas(-1)
+
+
 def test_a_conv_under_two_names_gets_one_delta_per_use() -> None:
     class Twice(nn.Module):
         def __init__(self) -> None:

@@ -74,10 +74,10 @@ def build(run: PlannedRun, prepared: Prepared, opts: Options, rank: DeltaRank) -
     lr.training = run.modules[0].training
     if opts.init == "mean":
         _mean_init(lr, blocks)
-    paths = lr._shared_layer_paths()
+    paths = lr.shared_layer_paths()
     deltas = 0
     if rank:
-        lr._add_deltas(rank)
+        lr.add_deltas(rank)
         for i, block in enumerate(blocks):
             init_from_blocks(lr.deltas(i), block)
         for m in lr.modules():
