@@ -48,7 +48,7 @@ def test_reset_classifier_takes_timms_global_pool(model: LruNet) -> None:
         features = model.forward_head(model.forward_features(x), pre_logits=True)  # (B, 256), average pooled
         model.reset_classifier(5, "max")
         maps = torch.relu(model.classifier(torch.relu(model.head_bn(model.head_conv(model.forward_features(x))))))
-        assert torch.equal(model(x), maps.amax((2, 3)))
+        torch.testing.assert_close(model(x), maps.amax((2, 3)))  # same ops, but a conv may pick another kernel
         model.reset_classifier(0)  # keeps the pooling: max
         assert model(x).shape == (2, 256) and model.num_classes == 0
         model.reset_classifier(0, "")
