@@ -18,6 +18,7 @@ from reuse.fx.fit import align_blocks
 
 
 def _block(name: str, seed: int) -> nn.Module:
+    """A fresh block of the registry with trained-looking BatchNorms, in eval mode."""
     torch.manual_seed(seed)
     return randomize(BLOCKS[name].build(), seed).eval()
 

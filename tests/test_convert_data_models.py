@@ -11,6 +11,7 @@ from torch import nn
 
 import reuse
 
+
 def trained_looking(case: Model) -> nn.Module:
     return randomize(case.build()).eval()
 

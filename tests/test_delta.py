@@ -36,6 +36,7 @@ def outputs(model: nn.Module, x: torch.Tensor, seed: int = 3) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------
 # Full rank: the original, exactly.
 
+
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("init", ["first", "mean"])
 @pytest.mark.parametrize("case", select("delta"))

@@ -119,6 +119,7 @@ def state(model: nn.Module) -> dict[str, torch.Tensor]:
 # Exactness: blocks sharing weights already -> convert(shuffle=False) computes the same function
 # --------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("case", select("exact"))
 @pytest.mark.parametrize("init", ["first", "mean"])
 def test_exactness_invariant(case: Model, init: str) -> None:

@@ -24,7 +24,7 @@ import contextlib
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from unittest import mock
 
@@ -215,7 +215,8 @@ def coverage_table() -> str:
             ok[source][0] += 1
             ok[source][1] += o.runs > 0
             remark = "" if o.runs else "no run: " + (case.why_no_run or "; ".join(o.report.notes))
-            cells = [case.name, o.device, f"{o.params_before:,}", f"{o.params_after:,}", str(o.runs), f"{o.seconds:.1f}"]
+            counts = [f"{o.params_before:,}", f"{o.params_after:,}", str(o.runs), f"{o.seconds:.1f}"]
+            cells = [case.name, o.device, *counts]
             rows.append("| " + " | ".join([*cells, remark]) + " |")
         except Exception as err:  # the table lists failures too
             rows.append(f"| {case.name} | | | | | | FAILED: {type(err).__name__}: {str(err)[:200]} |")

@@ -93,6 +93,7 @@ def test_find_runs_keeps_the_weights_of_a_reused_block_on_their_device() -> None
 # ----------------------------------------------------------------------------------------------------------
 # Training after evaluation, tracing and export.
 
+
 def _before_inference_mode(model: nn.Module, x: Tensor) -> None:
     with torch.inference_mode():
         model.eval()(x)
