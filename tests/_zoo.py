@@ -325,7 +325,7 @@ _OWN = [
     _m("net", Net, (4, 3, 8, 8), "optimize", "share_weights"),
     _m("plain-cnn", plain_cnn, (2, 3, 12, 12), "deploy"),
     # 4 Residual(8) after a stem conv of another input width: one run (the 4 blocks)
-    _m("stack", stack, (2, 3, 8, 8), "delta", runs=1, block_type="Residual"),
+    _m("stack", stack, (2, 3, 8, 8), "delta", runs=1),
     _m("reused-inside", reused_inside, (2, 3, 8, 8), "seams", "script"),
     _m("aliased", Aliased, (2, 3, 8, 8), "seams"),
     _m("tied-blocks", tied_blocks, (2, 3, 8, 8), "seams"),
@@ -335,7 +335,7 @@ _OWN = [
         _CIFAR,
         "script",
     ),
-    _m("torchvision.swin-small", small_swin, _CIFAR, "exact"),
+    _m("small-swin", small_swin, _CIFAR, "exact"),
     _m(
         "timm.convnext_atto-drop_path",  # Identity and DropPath modules in the blocks
         lambda: timm.create_model("convnext_atto", drop_path_rate=0.1),
