@@ -1,5 +1,6 @@
-"""Helpers shared by the test files: BatchNorm randomisers, the authors' checkpoint format, snapshots of a
-model's state. Import with ``from _helpers import ...`` (pytest puts ``tests/`` on the path)."""
+"""Helpers shared by the test files: a residual block, the authors' checkpoint format, snapshots of a model's
+state, loading a script. Import with ``from _helpers import ...`` (pytest puts ``tests/`` on the path). The
+models and blocks the tests run on, and the BatchNorm randomiser, are in ``_zoo.py``."""
 
 from __future__ import annotations
 
@@ -13,19 +14,6 @@ import torch
 from torch import Tensor, nn
 
 from reuse.models import LruNet
-
-
-def randomize(module: nn.Module) -> nn.Module:
-    """Give every BatchNorm2d non-trivial affine parameters and running statistics, as in a trained network
-    (drawn from torch's global generator)."""
-    for m in module.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            with torch.no_grad():
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
-    return module
 
 
 class Residual(nn.Module):

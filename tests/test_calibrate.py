@@ -6,7 +6,8 @@ import warnings
 
 import pytest
 import torch
-from _helpers import Residual, Snapshot, randomize
+from _helpers import Residual, Snapshot
+from _zoo import randomize
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -35,7 +36,7 @@ def test_statistics_are_those_of_the_data_by_hand() -> None:
 @given(seed=st.integers(0, 2**16), train=st.booleans(), images=st.integers(1, 50))
 def test_the_input_is_never_modified_and_only_statistics_change(seed: int, train: bool, images: int) -> None:
     torch.manual_seed(seed)
-    model = reuse.wrap(randomize(Residual(4)), n=3, shuffle=False).train(train)
+    model = reuse.wrap(randomize(Residual(4), seed), n=3, shuffle=False).train(train)
     snap = Snapshot.of(model)
     x = torch.randn(30, 4, 5, 5)
     out = reuse.calibrate(model, [x[:20], x[20:]], images=images)

@@ -3,30 +3,14 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 
 import pytest
 import torch
+from _zoo import DropoutResidual, Model, select
 from torch import nn
 
 import reuse
-from reuse.models import LruBlock, LruNet
-
-
-class Residual(nn.Module):
-    """Conv, BN (cumulative-average statistics), dropout, conv, BN, shortcut: state and randomness per use."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(channels, momentum=None)
-        self.drop = nn.Dropout(0.3)
-        self.conv2 = nn.Conv2d(channels, channels, 1)
-        self.bn2 = nn.BatchNorm2d(channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.drop(torch.relu(self.bn1(self.conv1(x))))  # (B, C, H, W)
-        return torch.relu(self.bn2(self.conv2(y)) + x)  # (B, C, H, W)
+from reuse.models import LruBlock
 
 
 def with_checkpoint(model: nn.Module) -> nn.Module:
@@ -37,23 +21,15 @@ def with_checkpoint(model: nn.Module) -> nn.Module:
     return twin
 
 
-MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
-    "lrunet-2": (lambda: LruNet(reuse=2), (2, 3, 32, 32)),
-    "lru-block": (lambda: reuse.wrap(LruBlock(16), n=4, checkpoint=False), (3, 16, 5, 5)),
-    "residual": (lambda: reuse.wrap(Residual(8), n=3, shuffle=True), (4, 8, 5, 5)),
-}
-
-
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_checkpointed_training_steps_equal_plain_ones(name: str) -> None:
+@pytest.mark.parametrize("model", select("checkpoint"))
+def test_checkpointed_training_steps_equal_plain_ones(model: Model) -> None:
     """Two training steps: outputs, every gradient, every buffer (running statistics, num_batches_tracked)."""
     torch.manual_seed(0)
-    make, shape = MODELS[name]
-    plain = make().train()
+    plain = model.build().train()
     ckpt = with_checkpoint(plain)
     assert any(isinstance(m, reuse.LayerReuse) and m.checkpoint for m in ckpt.modules())
     for step in range(2):
-        x = torch.randn(shape)
+        x = torch.randn(model.shape)
         torch.manual_seed(step)  # the same dropout masks in both
         out_plain = plain(x)
         torch.manual_seed(step)
@@ -81,7 +57,7 @@ def test_non_reentrant_gradients_reach_the_weights_when_the_input_needs_none() -
 def test_eval_mode_with_gradients_and_no_grad_inference() -> None:
     """Fine-tuning with frozen BatchNorms (eval mode, gradients on) and plain inference both still work."""
     torch.manual_seed(0)
-    plain = reuse.wrap(Residual(8), n=3).eval()
+    plain = reuse.wrap(DropoutResidual(8), n=3).eval()
     ckpt = with_checkpoint(plain)
     x = torch.randn(2, 8, 4, 4)
     plain(x).sum().backward()

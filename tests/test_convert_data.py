@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _helpers import Residual, Snapshot, randomize
+from _helpers import Residual, Snapshot
+from _zoo import randomize
 from torch import nn
 
 import reuse
@@ -25,7 +26,7 @@ def stack(blocks: int = 4, width: int = 8, seed: int = 0) -> nn.Sequential:
         nn.Flatten(),
         nn.Linear(width, 5),
     )
-    return randomize(net).eval()
+    return randomize(net, seed).eval()
 
 
 @pytest.fixture(scope="module")

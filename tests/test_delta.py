@@ -14,8 +14,8 @@ import warnings
 
 import pytest
 import torch
-import torchvision
-from _helpers import Residual, Snapshot, randomize
+from _helpers import Residual, Snapshot
+from _zoo import Model, randomize, select, stack
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -27,16 +27,6 @@ from reuse.delta import LowRankConv, LowRankLinear, delta_params, full_rank, res
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-def stack(c: int = 8, n: int = 4, kernel: int = 3, groups: int = 1) -> nn.Sequential:
-    """A stem and ``n`` residual blocks of one width: one run of ``n`` blocks, untied random weights."""
-    return nn.Sequential(nn.Conv2d(3, c, 3, padding=1), *[Residual(c, kernel, groups) for _ in range(n)])
-
-
-def randomized(model: nn.Module, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return randomize(model)
-
-
 def outputs(model: nn.Module, x: torch.Tensor, seed: int = 3) -> torch.Tensor:
     torch.manual_seed(seed)  # the same dropout masks in train mode
     with torch.no_grad():
@@ -46,24 +36,20 @@ def outputs(model: nn.Module, x: torch.Tensor, seed: int = 3) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------
 # Full rank: the original, exactly.
 
-MODELS = {
-    "resnet18": (lambda: torchvision.models.resnet18(num_classes=10), (4, 3, 32, 32)),
-    "mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(num_classes=10), (4, 3, 64, 64)),  # BN needs 2x2 maps
-    "stack": (lambda: stack(), (2, 3, 8, 8)),
-}
-
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("init", ["first", "mean"])
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_full_rank_reconstructs_the_model(name: str, init: str, train: bool) -> None:
-    make, shape = MODELS[name]
-    model = randomized(make()).train(train)
-    x = torch.randn(shape)
+@pytest.mark.parametrize("case", select("delta"))
+def test_full_rank_reconstructs_the_model(case: Model, init: str, train: bool) -> None:
+    torch.manual_seed(0)
+    model = randomize(case.build()).train(train)
+    x = torch.randn(4, *case.shape[1:])  # batch 4: in train mode the last BatchNorms normalise over 1x1 or 2x2 maps
     new, rep = reuse.convert(model, shuffle=False, init=init, delta_rank=1.0, example_inputs=x, report=True)
-    assert rep.converted, "the model must have a run for this test to mean something"
+    assert len(rep.converted) == case.runs, "the runs counted by hand: the test means something only with one"
     new.train(train)
-    torch.testing.assert_close(outputs(new, x), outputs(model, x), rtol=1e-4, atol=1e-5)
+    expected = outputs(model, x)
+    scale = max(1.0, expected.abs().max().item())  # float32 rounding grows with the outputs (1000 logits near 3)
+    torch.testing.assert_close(outputs(new, x), expected, rtol=1e-4, atol=1e-5 * scale)
 
 
 @settings(max_examples=12, deadline=None)
@@ -75,14 +61,16 @@ def test_full_rank_reconstructs_the_model(name: str, init: str, train: bool) -> 
     seed=st.integers(0, 1000),
 )
 def test_full_rank_reconstructs_any_stack(c: int, n: int, kernel: int, groups: int, seed: int) -> None:
-    model = randomized(stack(c, n, kernel, groups), seed).eval()
+    torch.manual_seed(seed)
+    model = randomize(stack(c, n, kernel, groups), seed).eval()
     x = torch.randn(2, 3, 6, 6)
     new = reuse.convert(model, shuffle=False, init="mean", delta_rank=1.0, example_inputs=x)
     torch.testing.assert_close(outputs(new, x), outputs(model, x), rtol=1e-4, atol=1e-5)
 
 
 def test_rank_zero_is_plain_convert() -> None:
-    model = randomized(stack()).eval()
+    torch.manual_seed(0)
+    model = randomize(stack()).eval()
     x = torch.randn(2, 3, 8, 8)
     plain = reuse.convert(model, shuffle=False, example_inputs=x)
     zero = reuse.convert(model, shuffle=False, example_inputs=x, delta_rank=0)
@@ -93,7 +81,8 @@ def test_rank_zero_is_plain_convert() -> None:
 
 def near_blocks(c: int = 8, n: int = 4, spread: float = 0.2, seed: int = 0) -> nn.Sequential:
     """A stack whose blocks are perturbations of one block, as the blocks of a trained stage are alike."""
-    model = randomized(stack(c, n), seed)
+    torch.manual_seed(seed)
+    model = randomize(stack(c, n), seed)
     with torch.no_grad():
         for block in model[2:]:
             for name in ("conv1", "conv2"):
@@ -160,7 +149,8 @@ def test_helpers_count_like_the_closed_form() -> None:
 
 
 def test_gradients_reach_every_delta() -> None:
-    model = randomized(stack()).train()
+    torch.manual_seed(0)
+    model = randomize(stack()).train()
     x = torch.randn(2, 3, 8, 8)
     new = reuse.convert(model, shuffle=False, init="mean", delta_rank=2, example_inputs=x).train()
     new(x).square().mean().backward()
@@ -177,14 +167,15 @@ def test_gradients_reach_every_delta() -> None:
 
 @pytest.fixture
 def relaxed() -> tuple[nn.Module, nn.Module, torch.Tensor]:
-    model = randomized(stack()).eval()
+    torch.manual_seed(0)
+    model = randomize(stack()).eval()
     x = torch.randn(2, 3, 8, 8)
     return model, reuse.convert(model, shuffle=False, init="mean", delta_rank=2, example_inputs=x).eval(), x
 
 
 def test_state_dict_round_trip(relaxed: tuple[nn.Module, nn.Module, torch.Tensor]) -> None:
     _, new, x = relaxed
-    other = reuse.convert(randomized(stack(), seed=9), shuffle=False, delta_rank=2, example_inputs=x).eval()
+    other = reuse.convert(randomize(stack(), seed=9), shuffle=False, delta_rank=2, example_inputs=x).eval()
     buf = io.BytesIO()
     torch.save(new.state_dict(), buf)
     buf.seek(0)
@@ -229,7 +220,8 @@ def test_optimize_for_inference_folds_each_use_with_its_own_weight(
 
 
 def test_the_model_handed_in_is_never_modified() -> None:
-    model = randomized(stack()).train()
+    torch.manual_seed(0)
+    model = randomize(stack()).train()
     before = Snapshot.of(model)
     reuse.convert(model, init="mean", delta_rank=1.0, example_inputs=torch.randn(1, 3, 8, 8))
     assert before.differences(model) == []

@@ -10,6 +10,7 @@ import pytest
 import timm
 import torch
 import torchvision
+from _zoo import Model, randomize, select
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import fx, nn
@@ -89,19 +90,6 @@ def stacked(c: int = 8, n: int = 4) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(3, c, 3, padding=1), *[conv_bn(c) for _ in range(n)], nn.AdaptiveAvgPool2d(1))
 
 
-def randomize_norms(model: nn.Module, seed: int = 0) -> None:
-    """Give every BatchNorm its own weights and statistics, so that a wrong per-use copy shows."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if is_batchnorm(m) and m.running_mean is not None:
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-                if m.weight is not None:
-                    m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-
-
 def tie_runs(model: nn.Module, runs: list[reuse.fx.Run]) -> None:
     """Make the blocks of every run share block 0's weights, except BatchNorm (kept per use)."""
     with torch.no_grad():
@@ -131,25 +119,17 @@ def state(model: nn.Module) -> dict[str, torch.Tensor]:
 # Exactness: blocks sharing weights already -> convert(shuffle=False) computes the same function
 # --------------------------------------------------------------------------------------------------
 
-EXACT = {
-    "resnet18": lambda: torchvision.models.resnet18(),
-    "small_swin": lambda: torchvision.models.SwinTransformer([4, 4], 16, [2, 2, 4, 2], [1, 1, 2, 2], [4, 4]),
-    "resnet50": lambda: torchvision.models.resnet50(),
-    "mobilenet_v2": lambda: torchvision.models.mobilenet_v2(),
-    "efficientnet_b0": lambda: torchvision.models.efficientnet_b0(),  # stochastic depth kept per use
-    "timm_convnext_atto": lambda: timm.create_model("convnext_atto", drop_path_rate=0.1),  # Identity/DropPath
-}
 
-
-@pytest.mark.parametrize("name", list(EXACT))
+@pytest.mark.parametrize("case", select("exact"))
 @pytest.mark.parametrize("init", ["first", "mean"])
-def test_exactness_invariant(name: str, init: str) -> None:
+def test_exactness_invariant(case: Model, init: str) -> None:
     torch.manual_seed(0)
-    model = EXACT[name]().eval()
-    randomize_norms(model)
-    x = torch.randn(2, 3, 32, 32)
+    model = randomize(case.build()).eval()
+    x = torch.randn(case.shape)
     runs = reuse.find_runs(model, example_inputs=x)
     assert any(not r.skipped for r in runs)
+    if case.runs is not None:
+        assert sum(not r.skipped for r in runs) == case.runs, "the runs counted by hand (tests/_zoo.py)"
     tie_runs(model, runs)
     with torch.no_grad():
         expected = model(x)
@@ -171,7 +151,7 @@ def test_resnet50_runs_follow_the_architecture() -> None:
 def test_first_init_takes_block_zero_and_norms_from_each_block() -> None:
     torch.manual_seed(0)
     model = stacked(n=3)
-    randomize_norms(model)
+    randomize(model)
     new = reuse.convert(model, example_inputs=torch.randn(1, 3, 8, 8))
     reused = new[1]
     assert isinstance(reused, LayerReuse) and reused.n == 3
@@ -200,7 +180,7 @@ def test_mean_init_averages_the_shared_weights() -> None:
 def test_module_list_loop_becomes_graph_module() -> None:
     torch.manual_seed(0)
     model = LoopNet().eval()
-    randomize_norms(model)
+    randomize(model)
     x = torch.randn(2, 3, 8, 8)
     runs = reuse.find_runs(model, example_inputs=x)
     assert [r.blocks for r in runs] == [("blocks.0", "blocks.1", "blocks.2", "blocks.3")]
@@ -340,7 +320,7 @@ def test_blocks_of_several_modules() -> None:
         b(),
         a(),
     ).eval()
-    randomize_norms(model)
+    randomize(model)
     x = torch.randn(2, 3, 8, 8)
     runs = [r for r in reuse.find_runs(model, example_inputs=x) if not r.skipped]
     assert [(r.period, r.n, r.units[0]) for r in runs] == [(3, 3, ("1", "2", "3")), (2, 2, ("11", "12"))]
@@ -635,7 +615,7 @@ def test_generated_stacks(stack: tuple, seed: int) -> None:
     model, expected, saved = stack
     torch.manual_seed(seed)
     model.eval()
-    randomize_norms(model, seed)
+    randomize(model, seed)
     x = torch.randn(2, 3, 5, 5)
     runs = reuse.find_runs(model, example_inputs=x)
     assert [(r.blocks, r.period) for r in runs if not r.skipped] == expected

@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import randomize
+from _zoo import randomize
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

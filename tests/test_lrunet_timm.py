@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from _helpers import randomize, to_official
+from _helpers import to_official
+from _zoo import randomize
 from timm.models import group_parameters
 from torch import Tensor, nn
 
@@ -75,7 +76,7 @@ def test_reset_classifier_follows_device_dtype_and_mode(model: LruNet) -> None:
 def release_like(tmp_path: Path) -> tuple[LruNet, Path]:
     """A 2-LruNet-1x for CIFAR-10 saved in the authors' format under a name of our own."""
     torch.manual_seed(1)
-    source = randomize(LruNet(reuse=2)).eval()
+    source = randomize(LruNet(reuse=2), seed=1).eval()
     path = tmp_path / "cifar10-lru2-ours.t7"
     torch.save({"net": to_official(source), "acc": 50.0, "epoch": 1}, path)
     return source, path

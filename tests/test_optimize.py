@@ -8,42 +8,18 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from _helpers import Residual, randomize
+from _helpers import Residual
+from _zoo import Model, Net, randomize, select
 from torch import nn
 from torch.fx.experimental.optimization import fuse as fx_fuse
 
 import reuse
-from reuse.models import LruBlock, LruNet
-
-
-class SharedConvInSequential(nn.Module):
-    """BatchNorms in a per-use container, the conv they follow in a shared one (a copy on write is needed)."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.shared = nn.Sequential(nn.Conv2d(channels, channels, 1))
-        self.norms = nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norms(self.shared(x)) + x  # (B, C, H, W)
-
-
-class Net(nn.Module):
-    """Plain conv-BN pairs around two reused blocks, one nested inside a plain container."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
-        self.body = reuse.wrap(Residual(16, groups2=2), n=3)
-        self.more = nn.Sequential(reuse.wrap(SharedConvInSequential(16), n=4, shuffle=False))
-        self.head = nn.Linear(16, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.more(self.body(self.stem(x))).mean((2, 3)))  # (B, 5)
+from reuse.models import LruNet
 
 
 def trained(make: Callable[[], nn.Module], x: torch.Tensor) -> nn.Module:
-    """A model whose per-use running statistics differ from use to use."""
+    """A model whose per-use running statistics differ from use to use (randomised, then two training-mode
+    forwards on ``x``)."""
     model = randomize(make()).train()
     with torch.no_grad():
         for _ in range(2):
@@ -51,20 +27,11 @@ def trained(make: Callable[[], nn.Module], x: torch.Tensor) -> nn.Module:
     return model.eval()
 
 
-MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
-    "lrunet-3": (lambda: LruNet(reuse=3), (4, 3, 32, 32)),
-    "lrunet-1-2x": (lambda: LruNet(reuse=1, width_mult=2.0), (2, 3, 32, 32)),
-    "net": (Net, (4, 3, 8, 8)),
-    "lru-block": (lambda: reuse.wrap(LruBlock(16), n=5), (3, 16, 6, 6)),
-}
-
-
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_outputs_equal_the_eval_model_and_every_batchnorm_is_folded(name: str) -> None:
+@pytest.mark.parametrize("case", select("optimize"))
+def test_outputs_equal_the_eval_model_and_every_batchnorm_is_folded(case: Model) -> None:
     torch.manual_seed(0)
-    make, shape = MODELS[name]
-    x = torch.randn(shape)
-    model = trained(make, x)
+    x = torch.randn(case.shape)
+    model = trained(case.build, x)
     fast = reuse.optimize_for_inference(model)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)
@@ -180,12 +147,11 @@ def test_channels_last_takes_only_bools() -> None:
 # ---------------------------------------------------------------------------------------- share_weights=True
 
 
-@pytest.mark.parametrize("name", ["lrunet-1-2x", "net", "lru-block"])  # LruNet at N > 1: the next test
-def test_shared_weights_mode_equals_the_model_and_keeps_its_size(name: str) -> None:
+@pytest.mark.parametrize("case", select("share_weights"))  # LruNet at N > 1: the next test
+def test_shared_weights_mode_equals_the_model_and_keeps_its_size(case: Model) -> None:
     torch.manual_seed(0)
-    make, shape = MODELS[name]
-    x = torch.randn(shape)
-    model = trained(make, x)
+    x = torch.randn(case.shape)
+    model = trained(case.build, x)
     small = reuse.optimize_for_inference(model, share_weights=True)
     with torch.no_grad():
         torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-5)

@@ -12,70 +12,22 @@ from __future__ import annotations
 import io
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import timm
 import torch
-import torchvision
-from _helpers import Snapshot, randomize, to_official
+from _helpers import Snapshot
+from _zoo import Model, randomize, select
 from torch import Tensor, nn
 
 import reuse
-from reuse.models import LruNet, _gather, load_official
+from reuse.models import LruNet, _gather
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # ----------------------------------------------------------------------------------------------------------
-# A zoo of models that already reuse, tie or alias: (factory, input shape).
-
-
-def conv_bn(c: int = 8) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
-
-
-class Aliased(nn.Module):
-    """One conv held under two attribute names, then a stack of same-structure blocks."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(3, 8, 1)
-        self.stem_alias = self.stem
-        self.blocks = nn.Sequential(*[conv_bn() for _ in range(3)])
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.blocks(self.stem_alias(x))  # (B, 8, H, W)
-
-
-def reused_inside() -> nn.Module:
-    """The issue's repro: a LayerReuse inside an nn.Sequential, followed by a convertible run."""
-    return nn.Sequential(nn.Conv2d(3, 8, 1), reuse.wrap(conv_bn(), n=2), *[conv_bn() for _ in range(3)])
-
-
-def tied_blocks() -> nn.Module:
-    """A stack whose blocks 1 and 2 share block 0's conv weight (tied by hand)."""
-    net = nn.Sequential(nn.Conv2d(3, 8, 1), *[conv_bn() for _ in range(4)])
-    net[2][0].weight = net[3][0].weight = net[1][0].weight
-    return net
-
-
-def official(tmp: Path) -> nn.Module:
-    """A model loaded from a file in the authors' format (written here from a random LruNet)."""
-    source = randomize(LruNet(reuse=2, in_chans=1))
-    path = tmp / "official-format-lru2.t7"
-    torch.save({"net": to_official(source), "acc": 1.0, "epoch": 1}, path)
-    return load_official(path)
-
-
-ZOO: dict[str, tuple[Callable[[Path], nn.Module], tuple[int, ...]]] = {
-    "lrunet": (lambda tmp: randomize(LruNet(reuse=3, width_mult=0.25)), (2, 3, 32, 32)),
-    "lrunet_no_share": (lambda tmp: LruNet(reuse=2, width_mult=0.25, share=False), (2, 3, 32, 32)),
-    "load_official": (official, (2, 1, 28, 28)),
-    "reused_inside": (lambda tmp: randomize(reused_inside()), (2, 3, 8, 8)),
-    "aliased": (lambda tmp: randomize(Aliased()), (2, 3, 8, 8)),
-    "tied_blocks": (lambda tmp: randomize(tied_blocks()), (2, 3, 8, 8)),
-}
+# Models that already reuse, tie or alias (_zoo.py, feature "seams"), and what is done to them.
 
 TRANSFORMS: dict[str, Callable[[nn.Module, Tensor], object]] = {
     "find_runs": lambda m, x: reuse.find_runs(m, example_inputs=x),
@@ -91,11 +43,10 @@ TRANSFORMS: dict[str, Callable[[nn.Module, Tensor], object]] = {
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("transform", sorted(TRANSFORMS))
-@pytest.mark.parametrize("name", sorted(ZOO))
-def test_transforms_leave_the_model_handed_in_as_it_was(name: str, transform: str, train: bool, tmp_path: Path) -> None:
-    make, shape = ZOO[name]
-    model = make(tmp_path).train(train)
-    x = torch.rand(shape)
+@pytest.mark.parametrize("case", select("seams"))
+def test_transforms_leave_the_model_handed_in_as_it_was(case: Model, transform: str, train: bool) -> None:
+    model = randomize(case.build()).train(train)
+    x = torch.rand(case.shape)
     before = Snapshot.of(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "left unfolded" and "no convertible conv" warnings are not the point
@@ -103,11 +54,10 @@ def test_transforms_leave_the_model_handed_in_as_it_was(name: str, transform: st
     assert before.differences(model) == []
 
 
-@pytest.mark.parametrize("name", sorted(ZOO))
-def test_convert_keeps_what_already_reuses_and_computes_the_same(name: str, tmp_path: Path) -> None:
-    make, shape = ZOO[name]
-    model = make(tmp_path).eval()
-    x = torch.rand(shape)
+@pytest.mark.parametrize("case", select("seams"))
+def test_convert_keeps_what_already_reuses_and_computes_the_same(case: Model) -> None:
+    model = randomize(case.build()).eval()
+    x = torch.rand(case.shape)
     new, rep = reuse.convert(model, example_inputs=x, report=True)
     kept = [m for m in model.modules() if isinstance(m, reuse.LayerReuse)]
     if kept:
@@ -142,22 +92,6 @@ def test_find_runs_keeps_the_weights_of_a_reused_block_on_their_device() -> None
 
 # ----------------------------------------------------------------------------------------------------------
 # Training after evaluation, tracing and export.
-
-PUBLIC_MODELS: dict[str, Callable[[], nn.Module]] = {
-    "lrunet1": lambda: LruNet(reuse=1, width_mult=0.25),
-    "lrunet3": lambda: LruNet(reuse=3, width_mult=0.25),
-    "lrunet3_no_shuffle": lambda: LruNet(reuse=3, width_mult=0.25, shuffle=False),
-    "lrunet2_no_share": lambda: LruNet(reuse=2, width_mult=0.25, share=False),
-    "lrunet2_filter": lambda: LruNet(reuse=2, width_mult=0.25, level="filter"),
-    "lrunet2_kernel": lambda: LruNet(reuse=2, width_mult=0.25, level="kernel"),
-    "lrunet2_checkpointed": lambda: _checkpointed(LruNet(reuse=2, width_mult=0.25)),
-    "converted_resnet18": lambda: reuse.convert(torchvision.models.resnet18(num_classes=10)),
-}
-
-
-def _checkpointed(model: LruNet) -> LruNet:
-    model.set_grad_checkpointing(True)
-    return model
 
 
 def _before_inference_mode(model: nn.Module, x: Tensor) -> None:
@@ -195,17 +129,17 @@ BEFORE: dict[str, Callable[[nn.Module, Tensor], None]] = {
 
 
 @pytest.mark.parametrize("before", sorted(BEFORE))
-@pytest.mark.parametrize("name", sorted(PUBLIC_MODELS))
-def test_training_works_after(name: str, before: str) -> None:
+@pytest.mark.parametrize("case", select("trains_after"))
+def test_training_works_after(case: Model, before: str) -> None:
     """Forward and backward, on the same model and on a fresh one, after another way of running it."""
     _gather._INDICES.clear()  # what ran before this test must not decide what runs here
     torch.manual_seed(0)
-    model = PUBLIC_MODELS[name]()
-    x = torch.rand(2, 3, 32, 32)
+    model = case.build()
+    x = torch.rand(case.shape)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
         BEFORE[before](model, x)
-    for m in (model, PUBLIC_MODELS[name]()):
+    for m in (model, case.build()):
         m.train()(x).logsumexp(1).mean().backward()
         assert all(p.grad is not None for p in m.parameters())
 
@@ -246,21 +180,12 @@ def test_jit_trace_gives_one_graph_cold_warm_and_in_any_grad_mode(name: str) -> 
         torch.testing.assert_close(traced(other_batch), model(other_batch))
 
 
-SCRIPTED: dict[str, Callable[[], nn.Module]] = {
-    "lrunet3": lambda: randomize(LruNet(reuse=3, width_mult=0.5)),
-    "lrunet2_no_shuffle": lambda: randomize(LruNet(reuse=2, width_mult=0.5, shuffle=False)),
-    "wrap": lambda: nn.Sequential(nn.Conv2d(3, 8, 1), randomize(reuse.wrap(conv_bn(), n=3))),
-    "channel_shuffle": lambda: nn.Sequential(nn.Conv2d(3, 8, 1), reuse.ChannelShuffle(groups=4)),
-    "converted_resnet18": lambda: randomize(reuse.convert(torchvision.models.resnet18(num_classes=10))),
-}
-
-
 @pytest.mark.parametrize("via_fx", [False, True], ids=["module", "fx_graph"])
-@pytest.mark.parametrize("name", sorted(SCRIPTED))
-def test_torchscript_computes_what_the_model_computes(name: str, via_fx: bool) -> None:
+@pytest.mark.parametrize("case", select("script"))
+def test_torchscript_computes_what_the_model_computes(case: Model, via_fx: bool) -> None:
     torch.manual_seed(0)
-    model = SCRIPTED[name]().eval()
-    x = torch.rand(2, 3, 32, 32)
+    model = randomize(case.build()).eval()
+    x = torch.rand(case.shape)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=FutureWarning)  # torch.jit.script is deprecated in torch 2.14
         scripted = torch.jit.script(torch.fx.symbolic_trace(model) if via_fx else model)
