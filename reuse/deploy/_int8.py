@@ -14,7 +14,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from reuse._checks import check_bool
 from reuse._errors import ReuseError
+from reuse.deploy._bias_correction import correct_bias
 from reuse.deploy._calibration import calibration_batches, coverage
 from reuse.deploy._common import atomic_write, ort_session, require
 from reuse.deploy._graph import short_constant_names, store_once, stored_tensors
@@ -33,6 +35,7 @@ def quantize_onnx(
     method: str = "minmax",
     percentile: float = 99.9,
     center: bool | str = "auto",
+    bias_correction: bool = True,
     compact: bool = True,
     exclude: Iterable[str] = (),
     input_range: tuple[float, float] | None = None,
@@ -53,10 +56,14 @@ def quantize_onnx(
        ``"auto"`` the file is quantized with and without, and the one whose outputs are closer to the fp32 file's
        on the calibration batches is kept (centring gains 5 points on the authors' 10-LruNet and loses 0.3 on
        their 14-LruNet).
-    3. onnxruntime quantizes and calibrates (``method``: ``"minmax"``, or ``"percentile"`` at ``percentile``).
-    4. Every use is pointed at ONE int8 copy of the shared weight, with the use's own signed per-channel
+    3. ``bias_correction``: the mean output shift that rounding each conv's weight to int8 causes on the
+       calibration data (``conv(E[x], W_q - W)``, per channel) is taken out of the conv's float bias (Nagel et
+       al. 2019; see ``reuse/deploy/_bias_correction.py``). Measured on the authors' 14-LruNet: int8 83.66%
+       without, 83.99% with (fp32 84.35%).
+    4. onnxruntime quantizes and calibrates (``method``: ``"minmax"``, or ``"percentile"`` at ``percentile``).
+    5. Every use is pointed at ONE int8 copy of the shared weight, with the use's own signed per-channel
        scales: symmetric per-channel int8 of ``w * s_i`` is that of ``w``, up to the signs of ``s_i``.
-    5. ``compact``: each use's scales and bias are stored as float16 and turned into the QDQ constants by a
+    6. ``compact``: each use's scales and bias are stored as float16 and turned into the QDQ constants by a
        few ``Cast``/``Mul``/``Div``/``Round`` nodes that onnxruntime folds when it loads the file.
 
     With ``per_channel=False`` the uses cannot share int8 values (a per-tensor scale cannot absorb a
@@ -71,6 +78,7 @@ def quantize_onnx(
         method: activation calibration, ``"minmax"`` (measured best on LruNet) or ``"percentile"``.
         percentile: the percentile of ``method="percentile"``.
         center: ``True``, ``False``, or ``"auto"``: both, the one closer to fp32 on the calibration data kept.
+        bias_correction: take the mean shift of each conv's weight rounding out of its bias (step 3).
         compact: per-use scales and biases in float16, computed at load (0.49x instead of 0.84x the fp32
             parameter bytes on 10-LruNet); ``False`` keeps plain float32 scales and int32 biases, for runtimes
             that want the QDQ constants stored.
@@ -106,6 +114,7 @@ def quantize_onnx(
         raise ReuseError(f"quantize_onnx: method must be one of {_METHODS}, got {method!r}")
     if center not in (True, False, "auto"):
         raise ReuseError(f"quantize_onnx: center must be True, False or 'auto', got {center!r}")
+    check_bool(bias_correction, "bias_correction", "quantize_onnx")
     proto = onnx.load(str(src))
     try:
         batches = calibration_batches(calibration, proto, input_range)
@@ -115,7 +124,14 @@ def quantize_onnx(
     for message in warns:
         warnings.warn(f"quantize_onnx({src.name}): {message}", UserWarning, stacklevel=2)
     float_bytes = sum(int(a.nbytes) for _, a in stored_tensors(proto) if a.dtype.kind == "f")
-    options = dict(per_channel=per_channel, method=method, percentile=percentile, compact=compact, exclude=exclude)
+    options = dict(
+        per_channel=per_channel,
+        method=method,
+        percentile=percentile,
+        bias_correction=bias_correction,
+        compact=compact,
+        exclude=exclude,
+    )
     tried = []
     for centre in (True, False) if center == "auto" else (bool(center),):
         try:
@@ -145,10 +161,11 @@ def _quantize_once(
     per_channel: bool,
     method: str,
     percentile: float,
+    bias_correction: bool,
     compact: bool,
     exclude: Iterable[str],
 ) -> tuple[bytes, Any, list[str]]:
-    """Steps 1 to 5 of :func:`quantize_onnx` on a copy of ``source``: the int8 bytes, their proto and notes."""
+    """Steps 1 to 6 of :func:`quantize_onnx` on a copy of ``source``: the int8 bytes, their proto and notes."""
     onnx = importlib.import_module("onnx")
     numpy_helper = importlib.import_module("onnx.numpy_helper")
     quantization = importlib.import_module("onnxruntime.quantization")
@@ -156,6 +173,10 @@ def _quantize_once(
     shared = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
     uses = fold_uses(proto) if per_channel else []
     centred = center_ranges(proto, uses, batches) if centre else 0
+    exclude = list(exclude)
+    corrected = 0
+    if bias_correction:
+        corrected = correct_bias(proto, batches, per_channel=per_channel, exclude=exclude, uses=uses)
     input_name = proto.graph.input[0].name
     calibrate = {
         "minmax": quantization.CalibrationMethod.MinMax,
@@ -176,7 +197,7 @@ def _quantize_once(
                 weight_type=quantization.QuantType.QInt8,
                 per_channel=per_channel,
                 calibrate_method=calibrate,
-                nodes_to_exclude=list(exclude),
+                nodes_to_exclude=exclude,
                 extra_options={"WeightSymmetric": True, "ActivationSymmetric": False, "CalibPercentile": percentile},
             )
         qproto = onnx.load(str(out))
@@ -184,7 +205,10 @@ def _quantize_once(
     store_once(qproto)
     short_constant_names(qproto.graph, keep=lambda name: name.endswith(".int8") or name in shared)
     notes = [f"{shared_uses} uses read a shared int8 weight" + (f", {own} keep their own" if own else "")]
-    notes.append(f"calibration: {method}, {sum(len(b) for b in batches)} inputs; {centred} conv pairs centred")
+    notes.append(
+        f"calibration: {method}, {sum(len(b) for b in batches)} inputs; {centred} conv pairs centred; "
+        f"{corrected} conv biases corrected for weight rounding"
+    )
     if not per_channel:
         notes.append("per_channel=False: the uses of a shared weight cannot share int8 values, each has its own")
     return qproto.SerializeToString(), qproto, notes
