@@ -47,7 +47,8 @@ def correct_bias(
 ) -> int:
     """In place: every 2-D Conv with a stored weight (and its own bias, or none) has the mean output shift of
     its weight's int8 rounding on ``batches`` taken out of its bias; ``uses`` (from ``fold_uses``) keep their
-    ``bias`` in step. Nodes named in ``exclude`` stay in float and are left alone. Returns the convs corrected."""
+    ``bias`` in step. Left alone: nodes named in ``exclude`` (they stay in float), convs whose bias other nodes
+    read too (no one correction fits both), and ``auto_pad="SAME_*"`` convs. Returns the convs corrected."""
     numpy_helper = importlib.import_module("onnx.numpy_helper")
     graph = model_proto.graph
     init = {t.name: t for t in graph.initializer}
@@ -62,6 +63,7 @@ def correct_bias(
         and n.name not in exclude
         and n.input[1] in init
         and len(init[n.input[1]].dims) == 4
+        and _explicit_padding(n)
         and (len(n.input) < 3 or not n.input[2] or (n.input[2] in init and bias_reads[n.input[2]] == 1))
     ]
     if not convs:
@@ -84,6 +86,12 @@ def correct_bias(
         if node.name in by_conv:
             by_conv[node.name].bias = bias
     return len(convs)
+
+
+def _explicit_padding(node: Any) -> bool:
+    """No ``auto_pad`` other than ``NOTSET``/``VALID`` (torch's exporter writes explicit pads)."""
+    auto = next((a.s for a in node.attribute if a.name == "auto_pad"), b"NOTSET")
+    return auto in (b"NOTSET", b"VALID")
 
 
 def _input_means(model_proto: Any, names: list[str], batches: list[Any]) -> dict[str, torch.Tensor]:
@@ -114,8 +122,6 @@ def _mean_output(mean: torch.Tensor, error: torch.Tensor, node: Any) -> torch.Te
     onnx = importlib.import_module("onnx")
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     pads = list(attrs.get("pads", [0, 0, 0, 0]))  # (top, left, bottom, right)
-    if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID", "NOTSET", "VALID"):
-        pads = _same_pads(mean.shape[1:], error.shape[2:], attrs)
     x = F.pad(mean[None], (pads[1], pads[3], pads[0], pads[2]))  # (1, C_in, H', W')
     out = F.conv2d(
         x,
@@ -125,16 +131,3 @@ def _mean_output(mean: torch.Tensor, error: torch.Tensor, node: Any) -> torch.Te
         groups=int(attrs.get("group", 1)),
     )  # (1, C_out, Ho, Wo)
     return out[0].mean((1, 2))  # (C_out,)
-
-
-def _same_pads(size: torch.Size, kernel: torch.Size, attrs: dict[str, Any]) -> list[int]:
-    """ONNX ``SAME_UPPER``/``SAME_LOWER`` padding as explicit (top, left, bottom, right)."""
-    strides, dilations = attrs.get("strides", [1, 1]), attrs.get("dilations", [1, 1])
-    lower = attrs.get("auto_pad") in (b"SAME_LOWER", "SAME_LOWER")
-    begin, end = [], []
-    for n, k, s, d in zip(size, kernel, strides, dilations):
-        total = max((-(-n // s) - 1) * s + (k - 1) * d + 1 - n, 0)
-        small, large = total // 2, total - total // 2
-        begin.append(large if lower else small)
-        end.append(small if lower else large)
-    return [begin[0], begin[1], end[0], end[1]]
