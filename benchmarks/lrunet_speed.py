@@ -3,6 +3,7 @@
     python benchmarks/lrunet_speed.py                       # N = 1, 8, 14; CPU, and CUDA when present
     python benchmarks/lrunet_speed.py --n 8 --reps 3        # one N, fewer repetitions
     python benchmarks/lrunet_speed.py --no-compile --json out.json
+    python benchmarks/lrunet_speed.py --n 14 --threads 1     # one CPU thread
 
 Models (N-LruNet-1x, CIFAR input 3x32x32, 10 classes), all holding the same weights:
 
@@ -343,6 +344,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to compile on CPU)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     parser.add_argument("--no-checkpoint", action="store_true", help="skip the checkpointed model")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch's CPU threads")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -351,6 +353,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         print(json.dumps(memory_child(n, batch, bool(ckpt))))
         return {}
 
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     info = machine()

@@ -105,6 +105,10 @@ class LayerReuse(nn.Module):
     ``forward(x, shuffle=(groups, swap_halves))`` and return ``block(channel_shuffle(x, groups, swap_halves))``,
     e.g. folding the shuffle into a gather it does anyway (:class:`reuse.models.LruBlock` does). LayerReuse then
     passes the shuffle's settings instead of applying it (in eager mode; TorchScript and FX graphs apply it).
+    A block may also run all the uses itself: if its class has ``forward_uses(uses, x, shuffle)``, an eager call
+    without checkpointing tries it first; it returns what the uses compute one by one (the shuffle between two
+    uses), or None to decline, and the uses then run one by one (:class:`reuse.models.LruBlock` runs folded uses
+    this way in inference, on fused oneDNN ops).
 
     Example:
         >>> block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
@@ -261,6 +265,11 @@ class LayerReuse(nn.Module):
         fx_tracing = isinstance(x, torch.fx.Proxy)
         check = not fx_tracing and not torch.jit.is_tracing()
         recompute = self.checkpoint and torch.is_grad_enabled() and check  # a traced graph holds no checkpoints
+        forward_uses = getattr(type(self.uses[0]), "forward_uses", None)
+        if forward_uses is not None and check and not recompute:
+            y = forward_uses(self.uses, x, self.shuffle)
+            if y is not None:
+                return y  # (B, C, H, W)
         for i, use in enumerate(self.uses):
             shuffle = self.shuffle if i else None
             fuse = shuffle is not None and getattr(use, "fuses_shuffle", False) and not fx_tracing

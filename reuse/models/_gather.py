@@ -16,7 +16,7 @@ from torch import Tensor
 from reuse._errors import ReuseError
 from reuse.shuffle import unchecked_permutation
 
-__all__ = ["repeat_gather", "saved_as_gather"]
+__all__ = ["gather_indices", "gather_nhwc", "repeat_gather", "saved_as_gather"]
 
 
 _INDICES: dict[tuple[int, int, bool, torch.device], tuple[Tensor, Tensor, Tensor]] = {}
@@ -33,7 +33,7 @@ def _build_indices(channels: int, groups: int, swap: bool, device: torch.device)
     return perm, rep, torch.argsort(perm)  # (C,), (2C,), (C,)
 
 
-def _gather_indices(channels: int, groups: int, swap: bool, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+def gather_indices(channels: int, groups: int, swap: bool, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`_build_indices`, cached per process.
 
     What is cached must not depend on the caller's mode: the indices are always built as normal tensors
@@ -63,7 +63,7 @@ def _gather_rows(rows: Tensor, index: Tensor) -> Tensor:
     return torch.gather(rows, 1, index.expand(rows.shape[0], -1))  # (P, len(index))
 
 
-def _gather_nhwc(x: Tensor, index: Tensor) -> Tensor:
+def gather_nhwc(x: Tensor, index: Tensor) -> Tensor:
     """``x[:, index]`` written in channels_last layout: one gather over the rows of (B*H*W, C)."""
     b, c, h, w = x.shape
     rows = x.permute(0, 2, 3, 1).reshape(b * h * w, c)  # (BHW, C), a view when x is channels_last
@@ -79,8 +79,8 @@ class _RepeatGather(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, rep: Tensor, perm: Tensor | None, inverse: Tensor) -> tuple[Tensor, Tensor]:
         ctx.save_for_backward(None if perm is None else inverse)
         if perm is None:
-            return _gather_nhwc(x, rep), x
-        xr = _gather_nhwc(x, rep)
+            return gather_nhwc(x, rep), x
+        xr = gather_nhwc(x, rep)
         return xr, xr[:, ::2]
 
     @staticmethod
@@ -122,10 +122,10 @@ def _repeat_gather_eager(x: Tensor, channels: int, groups: int, swap: bool) -> t
             f"LruBlock({channels}): needs an input of shape (B, {channels}, H, W), got {tuple(x.shape)}; "
             f"build the block with channels={x.shape[1] if x.dim() > 1 else '?'}"
         )
-    perm, rep, inverse = _gather_indices(channels, groups, swap, x.device)
+    perm, rep, inverse = gather_indices(channels, groups, swap, x.device)
     if torch.is_grad_enabled() and x.requires_grad:
         return _RepeatGather.apply(x, rep, perm if groups else None, inverse)
-    xr = _gather_nhwc(x, rep)
+    xr = gather_nhwc(x, rep)
     return xr, (xr[:, ::2] if groups else x)  # (B, 2C, H, W), (B, C, H, W)
 
 
@@ -147,7 +147,7 @@ def saved_as_gather(
     channels of ``repeated``, and gathers again in backward. Cuts a quarter of a block's saved activations."""
     if isinstance(repeated, torch.fx.Proxy) or _in_graph_capture() or not torch.is_grad_enabled():
         return contextlib.nullcontext()
-    index = _gather_indices(channels, groups, swap, source.device)[1]
+    index = gather_indices(channels, groups, swap, source.device)[1]
     # The hooks live as long as the graph: they must not hold ``repeated`` itself, only how to recognise it.
     key = (repeated.data_ptr(), repeated.shape, repeated.stride())
 
@@ -163,6 +163,6 @@ def saved_as_gather(
                 "was (clone it before modifying it)"
             )
         with torch.no_grad():
-            return _gather_nhwc(saved.source, index)  # (B, 2C, H, W), as in the forward
+            return gather_nhwc(saved.source, index)  # (B, 2C, H, W), as in the forward
 
     return torch.autograd.graph.saved_tensors_hooks(pack, unpack)

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from reuse._checks import check_bool, check_int
 from reuse._errors import ReuseError
 from reuse.layer import LayerReuse, wrap
+from reuse.models._folded import folded_forward
 from reuse.models._gather import repeat_gather, saved_as_gather
 from reuse.models._layers import GlobalPool, SelfConcat, take_indices
 
@@ -37,6 +38,9 @@ class LruBlock(nn.Module):
     first gathers the channels ``x[:, [0, 0, 1, 1, ...]]`` in ``channels_last`` layout. Under
     :class:`reuse.LayerReuse`, the shuffle between two uses is a channel gather too: the block takes the
     shuffle (``fuses_shuffle = True``) and does both in the one gather. The output is ``channels_last``.
+    Once :func:`reuse.optimize_for_inference` has folded its BatchNorms, an inference call on CPU runs all the
+    uses of a stage in one loop (``forward_uses``): oneDNN convolutions on weights reordered once, the pointwise
+    conv, shortcut and ReLU fused in one call (reuse/models/_folded.py).
 
     Example:
         >>> LruBlock(64)(torch.randn(2, 64, 8, 8)).shape
@@ -46,6 +50,7 @@ class LruBlock(nn.Module):
     """
 
     fuses_shuffle = True  # LayerReuse hook: forward(x, shuffle=(g, swap)) shuffles in its own gather
+    forward_uses = staticmethod(folded_forward)  # LayerReuse hook: folded uses in one loop on fused oneDNN ops
 
     def __init__(self, channels: int, pw_groups: int = 8) -> None:
         super().__init__()
