@@ -100,6 +100,12 @@ class LayerReuse(nn.Module):
             starts them from the blocks it replaces. With deltas, every use (the first too) is a light copy of
             the block whose shared layers are wrapped (:class:`reuse.delta.LowRankConv`); the block handed in is
             not modified.
+        compile_regions: under ``torch.compile``, each use is a nested compile region
+            (``torch.compiler.nested_compile_region``): the block's code is traced and compiled once and the
+            compiled region called for every use, instead of N inlined copies. Shorter cold compiles of deep
+            reuse; the steady state can be slower (no fusion across uses: docs/performance.md). Eval mode only:
+            in training mode the uses are inlined (a region may not update BatchNorm statistics in place, as of
+            torch 2.14). No effect in eager mode, TorchScript or FX.
 
     A block may take the shuffle over: if its class sets ``fuses_shuffle = True``, its forward must accept
     ``forward(x, shuffle=(groups, swap_halves))`` and return ``block(channel_shuffle(x, groups, swap_halves))``,
@@ -120,6 +126,7 @@ class LayerReuse(nn.Module):
     """
 
     __jit_unused_properties__ = ["block"]  # noqa: RUF012 - TorchScript's opt-out list
+    compile_regions = False  # the default, also for modules pickled before the option existed
 
     def __init__(
         self,
@@ -132,17 +139,20 @@ class LayerReuse(nn.Module):
         per_use: PerUse = "batchnorm",
         checkpoint: bool = False,
         delta_rank: DeltaRank = 0,
+        compile_regions: bool = False,
     ) -> None:
         super().__init__()
         _check_args(block, n, groups)
         check_bool(shuffle, "shuffle", "LayerReuse")
         check_bool(swap_halves, "swap_halves", "LayerReuse")
         check_bool(checkpoint, "checkpoint", "LayerReuse")
+        check_bool(compile_regions, "compile_regions", "LayerReuse")
         check_rank(delta_rank, "LayerReuse")
         self.n = n
         self.delta_rank = 0
         self.per_use = per_use
         self.checkpoint = checkpoint
+        self.compile_regions = compile_regions
         self.shuffle = ChannelShuffle(groups, swap_halves) if shuffle else None
         is_per_use = per_use_predicate(per_use)
         self.uses = nn.ModuleList([block] + [clone_for_use(block, is_per_use) for _ in range(n - 1)])
@@ -277,6 +287,8 @@ class LayerReuse(nn.Module):
                 y = _checkpoint(
                     _apply_use, use, x, shuffle, fuse, use_reentrant=False, context_fn=_restore_buffers_of(use)
                 )
+            elif self.compile_regions and not self.training and torch.compiler.is_compiling():
+                y = _use_region(use, x, shuffle, fuse)  # (B, C, H, W), one compiled region for every use
             else:
                 y = _apply_use(use, x, shuffle, fuse)  # (B, C, H, W)
             if i == 0 and check:
@@ -310,6 +322,7 @@ class LayerReuse(nn.Module):
         block = _addindent(repr(self.uses[0]), 2)
         per_use = self.per_use if isinstance(self.per_use, str) else getattr(self.per_use, "__name__", "custom")
         ckpt = ", checkpoint=True" if self.checkpoint else ""
+        ckpt += ", compile_regions=True" if self.compile_regions else ""
         delta = f", delta_rank={self.delta_rank!r}" if self.delta_rank else ""
         return f"LayerReuse(n={self.n}, shuffle={self.shuffle!r}, per_use={per_use!r}{ckpt}{delta}, block={block})"
 
@@ -321,6 +334,12 @@ def _apply_use(use: nn.Module, x: Tensor, shuffle: ChannelShuffle | None, fuse: 
     if fuse:
         return use(x, shuffle=(shuffle.groups, shuffle.swap_halves))  # (B, C, H, W), shuffled in the block's gather
     return use(shuffle(x))  # (B, C, H, W)
+
+
+@torch.compiler.nested_compile_region
+def _use_region(use: nn.Module, x: Tensor, shuffle: ChannelShuffle | None, fuse: bool) -> Tensor:
+    """:func:`_apply_use` as a nested compile region: compiled once, its parameters inputs of the region."""
+    return _apply_use(use, x, shuffle, fuse)  # (B, C, H, W)
 
 
 class _RestoreBuffers:
@@ -361,7 +380,7 @@ def wrap(block: nn.Module, n: int = 8, shuffle: bool = True, groups: int = 2, **
 
     ``wrap(block, n, shuffle, groups, **options)`` is ``LayerReuse(block, n, shuffle=shuffle, groups=groups,
     **options)``; see :class:`LayerReuse` for the arguments and the other options (``swap_halves``,
-    ``per_use``, ``checkpoint``, ``delta_rank``).
+    ``per_use``, ``checkpoint``, ``delta_rank``, ``compile_regions``).
 
     Example:
         >>> import reuse

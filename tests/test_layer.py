@@ -18,7 +18,7 @@ from torch import nn
 
 import reuse
 from reuse import LayerReuse, ReuseError, wrap
-from reuse.models import LruBlock
+from reuse.models import LruBlock, LruNet
 
 
 # --- the blocks of tests/_zoo.py with the feature "wrap" ----------------------------------------------------
@@ -303,6 +303,59 @@ def test_torch_compile() -> None:
     model = Net().eval()
     x = torch.randn(2, 3, 6, 6)
     torch.testing.assert_close(torch.compile(model)(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def _invoke_subgraph_calls(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+    """Compile ``model`` with a backend that keeps dynamo's graph; the region each invoke_subgraph node calls."""
+    graphs: list[torch.fx.GraphModule] = []
+
+    def keep(gm: torch.fx.GraphModule, example_inputs: object) -> torch.fx.GraphModule:
+        graphs.append(gm)
+        return gm
+
+    torch._dynamo.reset()
+    out = torch.compile(model, backend=keep)(x)
+    calls = [
+        str(node.args[1])
+        for gm in graphs
+        for node in gm.graph.nodes
+        if node.op == "call_function" and type(node.target).__name__ == "InvokeSubgraphHOP"
+    ]
+    return out, calls
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_compile_regions_compiles_the_block_once_for_the_uses_after_the_first_in_eval(train: bool) -> None:
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+    model = randomize(reuse.wrap(block, n=5, compile_regions=True)).train(train)
+    twin = copy.deepcopy(model)
+    x = torch.randn(2, 8, 5, 5)
+    out, calls = _invoke_subgraph_calls(model, x)
+    torch.testing.assert_close(out, twin(x))
+    if train:  # BatchNorm statistics are updated in place, which regions do not take: every use inlined
+        assert calls == []
+        torch.testing.assert_close(model.uses[3][1].running_mean, twin.uses[3][1].running_mean)
+    else:
+        assert len(calls) == 4 and len(set(calls)) == 1, calls  # uses 1-4 (with the shuffle) call one region
+    _, inlined = _invoke_subgraph_calls(reuse.wrap(block, n=5).train(train), x)
+    assert inlined == []  # the default: every use inlined
+
+
+def test_compile_regions_with_inductor_computes_the_model() -> None:
+    torch.manual_seed(0)
+    model = randomize(LruNet(reuse=3)).eval()
+    for stage in model.stages:
+        stage.compile_regions = True
+    assert "compile_regions=True" in repr(model.stage1)
+    x = torch.randn(2, 3, 32, 32)
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(model)(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_compile_regions_is_checked() -> None:
+    with pytest.raises(reuse.ReuseError, match="compile_regions"):
+        reuse.LayerReuse(nn.Conv2d(4, 4, 1), n=2, compile_regions="yes")  # type: ignore[arg-type]
 
 
 def test_torch_export() -> None:
