@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -103,9 +104,10 @@ class LayerReuse(nn.Module):
         compile_regions: under ``torch.compile``, each use is a nested compile region
             (``torch.compiler.nested_compile_region``): the block's code is traced and compiled once and the
             compiled region called for every use, instead of N inlined copies. Shorter cold compiles of deep
-            reuse; the steady state can be slower (no fusion across uses: docs/performance.md). Eval mode only:
-            in training mode the uses are inlined (a region may not update BatchNorm statistics in place, as of
-            torch 2.14). No effect in eager mode, TorchScript or FX.
+            reuse; the steady state can be slower (no fusion across uses: docs/performance.md). Eval mode only,
+            and not with inductor's freezing: in training mode (a region may not update BatchNorm statistics in
+            place) and under ``torch._inductor.config.freezing`` (a region cannot take frozen parameters) the
+            uses are inlined, as of torch 2.14. No effect in eager mode, TorchScript or FX.
 
     A block may take the shuffle over: if its class sets ``fuses_shuffle = True``, its forward must accept
     ``forward(x, shuffle=(groups, swap_halves))`` and return ``block(channel_shuffle(x, groups, swap_halves))``,
@@ -287,7 +289,7 @@ class LayerReuse(nn.Module):
                 y = _checkpoint(
                     _apply_use, use, x, shuffle, fuse, use_reentrant=False, context_fn=_restore_buffers_of(use)
                 )
-            elif self.compile_regions and not self.training and torch.compiler.is_compiling():
+            elif self.compile_regions and not self.training and torch.compiler.is_compiling() and not _freezing():
                 y = _use_region(use, x, shuffle, fuse)  # (B, C, H, W), one compiled region for every use
             else:
                 y = _apply_use(use, x, shuffle, fuse)  # (B, C, H, W)
@@ -334,6 +336,15 @@ def _apply_use(use: nn.Module, x: Tensor, shuffle: ChannelShuffle | None, fuse: 
     if fuse:
         return use(x, shuffle=(shuffle.groups, shuffle.swap_halves))  # (B, C, H, W), shuffled in the block's gather
     return use(shuffle(x))  # (B, C, H, W)
+
+
+@torch.compiler.assume_constant_result
+def _freezing() -> bool:
+    """Whether inductor's freezing is on (read when the graph is traced; False where inductor is not loaded).
+    Nested compile regions cannot take frozen parameters (torch 2.14: dynamo fails with "Freevar has no source"),
+    so with freezing the uses are inlined."""
+    inductor_config = sys.modules.get("torch._inductor.config")
+    return bool(inductor_config is not None and inductor_config.freezing)
 
 
 @torch.compiler.nested_compile_region

@@ -353,6 +353,18 @@ def test_compile_regions_with_inductor_computes_the_model() -> None:
     torch.testing.assert_close(torch.compile(model)(x), model(x), rtol=1e-4, atol=1e-5)
 
 
+def test_compile_regions_with_freezing_inline_the_uses(monkeypatch) -> None:
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "freezing", True)  # frozen parameters cannot enter a region
+    block = nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8))
+    layer = randomize(reuse.wrap(block, n=3, compile_regions=True)).eval()
+    x = torch.randn(1, 8, 2, 2)
+    out, calls = _invoke_subgraph_calls(layer, x)
+    assert calls == []
+    torch.testing.assert_close(out, layer(x))
+
+
 def test_compile_regions_is_checked() -> None:
     with pytest.raises(reuse.ReuseError, match="compile_regions"):
         reuse.LayerReuse(nn.Conv2d(4, 4, 1), n=2, compile_regions="yes")  # type: ignore[arg-type]
