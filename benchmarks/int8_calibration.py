@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--models", nargs="+", default=["lru1", "lru10", "lru14", "resnet"])
     parser.add_argument("--samples", nargs="+", default=list(SAMPLES))
     parser.add_argument("--method", help="quantize_onnx's method (default: its own)")
+    parser.add_argument("--percentile", type=float, help="quantize_onnx's percentile (default: its own)")
     parser.add_argument("--out", type=Path, default=Path("int8_calibration_out"), help="where the files go")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results", help="where json/md go")
     parser.add_argument("--resnet-steps", type=int, default=300, help="training steps of the ResNet")
@@ -198,6 +199,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     options = {"method": args.method} if args.method else {}
+    if args.percentile is not None:
+        options["percentile"] = args.percentile
     start = time.time()
     rows = []
     for name in args.models:
