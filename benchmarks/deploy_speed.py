@@ -13,9 +13,12 @@ Models (N-LruNet-1x, CIFAR input 3x32x32, 10 classes, BatchNorms randomized as i
   each use's BatchNorm a per-use channel scale and shift.
 - ``compiled (folded)`` / ``compiled (shared)``: those two under ``torch.compile`` with inductor's freezing.
 - ``onnxruntime fp32 (folded)``: torch's TorchScript ONNX export of the folded model (what one got before).
-- ``onnxruntime fp32``: ``reuse.deploy.export_onnx`` (every shared weight stored once).
-- ``onnxruntime int8``: ``reuse.deploy.quantize_onnx`` of that file, calibrated on random inputs (for timing and
-  size only; accuracy: examples/deploy_lrunet.py on real data).
+- ``onnxruntime fp32 (for_quantization)``: ``reuse.deploy.export_onnx(..., for_quantization=True)``: every
+  shared weight stored once, the blocks as they are (the file ``quantize_onnx`` reads).
+- ``onnxruntime fp32``: ``reuse.deploy.export_onnx``: the same, each LRU block in its fp32 export form (split by
+  the parity of its depthwise channels: no strided slice, half the gather).
+- ``onnxruntime int8``: ``reuse.deploy.quantize_onnx`` of the ``for_quantization`` file, calibrated on random
+  inputs (for timing and size only; accuracy: examples/deploy_lrunet.py on real data).
 - ``executorch (xnnpack)``: ``reuse.deploy.export_pte``, when ExecuTorch is installed.
 
 Timing: batch-1 latency (ms) and batch-256 throughput (img/s). The paths take turns in every round, a block of
@@ -123,8 +126,9 @@ def build(n: int, folder: Path, compile_: bool) -> tuple[dict, dict, dict, dict]
     sizes: dict[str, int] = {}
     fp32 = reuse.deploy.export_onnx(model, folder / "lrunet.onnx", x[1])
     fp32_b256 = reuse.deploy.export_onnx(model, folder / "lrunet_b256.onnx", x[256][:256])
+    blocks = reuse.deploy.export_onnx(model, folder / "lrunet.blocks.onnx", x[1], for_quantization=True)
     calibration = [torch.rand(32, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(8)]
-    int8 = reuse.deploy.quantize_onnx(folder / "lrunet.onnx", folder / "lrunet.int8.onnx", calibration)
+    int8 = reuse.deploy.quantize_onnx(blocks.path, folder / "lrunet.int8.onnx", calibration)
     sizes["onnxruntime fp32 (folded)"] = export_folded(folded, folder / "folded.onnx")
     checks = {
         "fp32 file, example batch 1 / 256 (bytes)": [fp32.file_bytes, fp32_b256.file_bytes],
@@ -154,9 +158,11 @@ def build(n: int, folder: Path, compile_: bool) -> tuple[dict, dict, dict, dict]
             compile_s[name] = {b: round(s, 1) for b, (_, s) in made.items()}
             sizes[f"compiled ({name})"] = sizes[f"optimized ({name})"]
     fns["onnxruntime fp32 (folded)"] = {b: ort_fn(folder / "folded.onnx", x[b]) for b in x}
+    fns["onnxruntime fp32 (for_quantization)"] = {b: ort_fn(folder / "lrunet.blocks.onnx", x[b]) for b in x}
     fns["onnxruntime fp32"] = {b: ort_fn(folder / "lrunet.onnx", x[b]) for b in x}
     fns["onnxruntime int8"] = {b: ort_fn(folder / "lrunet.int8.onnx", x[b]) for b in x}
     sizes["onnxruntime fp32"], sizes["onnxruntime int8"] = fp32.file_bytes, int8.file_bytes
+    sizes["onnxruntime fp32 (for_quantization)"] = blocks.file_bytes
     try:
         pte = {b: reuse.deploy.export_pte(model, folder / f"lrunet_b{b}.pte", x[b]) for b in x}
         fns["executorch (xnnpack)"] = {b: pte_fn(Path(pte[b].path), x[b]) for b in x}

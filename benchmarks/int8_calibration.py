@@ -141,7 +141,7 @@ def run_model(name: str, samples: list[str], out: Path, options: dict, resnet_st
         model = load_official(SHARED / "pretrained" / "lrunet-official" / checkpoint)
     x_train, y_train = load_split(folder, "train")
     x_test, y_test = load_split(folder, "test")
-    fp32 = reuse.deploy.export_onnx(model, out / f"{name}.onnx", torch.from_numpy(x_test[:1]))
+    fp32 = reuse.deploy.export_onnx(model, out / f"{name}.onnx", torch.from_numpy(x_test[:1]), for_quantization=True)
     fp32_acc = ort_accuracy(fp32.path, x_test, y_test)
     print(f"{name}: fp32 {fp32_acc:.2f}%", flush=True)
     rows = []

@@ -106,9 +106,11 @@ def deploy_one(checkpoint: Path, data_dir: Path, out: Path, compile_: bool, roun
     calibration = x_train[np.random.default_rng(0).choice(len(x_train), 512, replace=False)]  # (512, 1, 28, 28)
     stem = checkpoint.stem
     fp32 = reuse.deploy.export_onnx(model, out / f"{stem}.onnx", torch.from_numpy(x_test[:1]))
-    int8 = reuse.deploy.quantize_onnx(
-        fp32.path, out / f"{stem}.int8.onnx", [calibration[i : i + 64] for i in range(0, 512, 64)], input_range=(0, 1)
+    to_quantize = reuse.deploy.export_onnx(
+        model, out / f"{stem}.for-int8.onnx", torch.from_numpy(x_test[:1]), for_quantization=True
     )
+    batches = [calibration[i : i + 64] for i in range(0, 512, 64)]
+    int8 = reuse.deploy.quantize_onnx(to_quantize.path, out / f"{stem}.int8.onnx", batches, input_range=(0, 1))
     print(fp32, int8, sep="\n", flush=True)
 
     params = 4 * sum(p.numel() for p in model.parameters())

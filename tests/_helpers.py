@@ -1,6 +1,7 @@
-"""Helpers shared by the test files: a residual block, the authors' checkpoint format, snapshots of a model's
-state, loading a script. Import with ``from _helpers import ...`` (pytest puts ``tests/`` on the path). The
-models and blocks the tests run on, and the BatchNorm randomiser, are in ``_zoo.py``."""
+"""Helpers shared by the test files: the paper's LRU block and shuffle written as the paper states them, a
+residual block, the authors' checkpoint format, snapshots of a model's state, loading a script. Import with
+``from _helpers import ...`` (pytest puts ``tests/`` on the path). The models and blocks the tests run on, and
+the BatchNorm randomiser, are in ``_zoo.py``."""
 
 from __future__ import annotations
 
@@ -11,9 +12,25 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reuse.models import LruNet
+from reuse.models import LruBlock, LruNet
+
+
+def paper_shuffle(x: torch.Tensor, groups: int = 2, swap_halves: bool = True) -> torch.Tensor:
+    b, c, h, w = x.shape
+    if swap_halves:
+        x = torch.cat([x[:, c // 2 :], x[:, : c // 2]], dim=1)  # (B, C, H, W)
+    return x.view(b, groups, c // groups, h, w).permute(0, 2, 1, 3, 4).reshape(b, c, h, w)  # (B, C, H, W)
+
+
+def paper_block(block: LruBlock, x: torch.Tensor) -> torch.Tensor:
+    """The block with the multiplier-2 depthwise conv of the paper, using ``block``'s own modules."""
+    f = block.channels
+    y = block.dw_bn(F.conv2d(x, block.dw.weight, block.dw.bias, padding=1, groups=f))  # (B, 2F, H, W)
+    y = block.pw_bn(block.pw(y))  # (B, F, H, W)
+    return torch.relu(y + x)  # (B, F, H, W)
 
 
 class Residual(nn.Module):

@@ -52,7 +52,7 @@ def test_export_runs_in_onnxruntime_with_the_models_outputs(case: Model, tmp_pat
 @pytest.mark.parametrize("n", [2, 8])
 def test_each_shared_weight_is_stored_once(n: int, tmp_path: Path) -> None:
     model = randomize(LruNet(width_mult=0.25, reuse=n)).eval()
-    reuse.deploy.export_onnx(model, tmp_path / "m.onnx", torch.randn(1, 3, 32, 32))
+    reuse.deploy.export_onnx(model, tmp_path / "m.onnx", torch.randn(1, 3, 32, 32), for_quantization=True)
     stored = list(initializers(tmp_path / "m.onnx").values())
     for k, stage in enumerate(model.stages, start=1):
         for conv in ("dw", "pw"):
@@ -64,6 +64,51 @@ def test_each_shared_weight_is_stored_once(n: int, tmp_path: Path) -> None:
     floats = sum(a.size for a in stored if a.dtype == np.float32)
     folded_away = model.stem[1].num_features + model.head_bn.num_features
     assert floats == sum(p.numel() for p in model.parameters()) - folded_away
+
+
+@pytest.mark.parametrize("n", [2, 8])
+def test_the_fp32_export_form_stores_each_half_of_a_shared_weight_once(n: int, tmp_path: Path) -> None:
+    """The default file: each LRU use split by the parity of its depthwise channels (reuse/models/_split.py)."""
+    model = randomize(LruNet(width_mult=0.25, reuse=n)).eval()
+    reuse.deploy.export_onnx(model, tmp_path / "m.onnx", torch.randn(1, 3, 32, 32))
+    stored = list(initializers(tmp_path / "m.onnx").values())
+    per_use = 0
+    for k, stage in enumerate(model.stages, start=1):
+        dw, pw = stage.uses[0].dw.weight.detach(), stage.uses[0].pw.weight.detach()
+        halves = [dw[0::2], dw[1::2], pw[:, 0::2], pw[:, 1::2]]  # filters 2c + e; pointwise columns of parity e
+        for i, half in enumerate(halves):
+            copies = sum(a.shape == half.shape and np.array_equal(a, half.numpy()) for a in stored)
+            assert copies == 1, f"stage{k} half {i}: {copies} copies"
+        per_use += n * 4 * stage.uses[0].channels  # depthwise scale (2F), pointwise scale (F), one shift (F)
+    uses_norms = sum(
+        p.numel() for s in model.stages for u in s.uses for m in (u.dw_bn, u.pw_bn) for p in m.parameters()
+    )
+    floats = sum(a.size for a in stored if a.dtype == np.float32)
+    folded_away = model.stem[1].num_features + model.head_bn.num_features
+    assert floats == sum(p.numel() for p in model.parameters()) - folded_away - uses_norms + per_use
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    assert not [node for node in graph.node if node.op_type == "Slice"], "no strided slice of the shortcut"
+    assert {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}["reuse.export_form"] == "fp32"
+
+
+def test_the_file_for_quantization_keeps_the_blocks_and_the_int8_warns_otherwise(tmp_path: Path) -> None:
+    model = randomize(LruNet(width_mult=0.25, reuse=2)).eval()
+    x = torch.randn(1, 3, 32, 32)
+    blocks = reuse.deploy.export_onnx(model, tmp_path / "blocks.onnx", x, for_quantization=True)
+    split = reuse.deploy.export_onnx(model, tmp_path / "split.onnx", x)
+    assert not onnx.load(str(tmp_path / "blocks.onnx")).metadata_props
+    assert not blocks.notes and "fp32 export form" in split.notes[0]
+    calibration = [torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    with pytest.warns(
+        UserWarning, match=r"quantize_onnx\(split.onnx\): .*export_onnx\(\.\.\., for_quantization=True\)"
+    ):
+        reuse.deploy.quantize_onnx(tmp_path / "split.onnx", tmp_path / "a.int8.onnx", calibration)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        reuse.deploy.quantize_onnx(tmp_path / "blocks.onnx", tmp_path / "b.int8.onnx", calibration)
+    assert not [w for w in seen if "for_quantization" in str(w.message)]
+    with pytest.raises(reuse.ReuseError, match="export_onnx: for_quantization must be True or False"):
+        reuse.deploy.export_onnx(model, tmp_path / "c.onnx", x, for_quantization="yes")  # type: ignore[arg-type]
 
 
 def test_file_size_does_not_depend_on_the_example_batch(tmp_path: Path) -> None:
@@ -203,7 +248,7 @@ def small_int8(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, Pat
     model = randomize(LruNet(width_mult=0.25, reuse=4, in_chans=1), seed=1).eval()
     generator = torch.Generator().manual_seed(0)
     calibration = [torch.rand(16, 1, 28, 28, generator=generator) for _ in range(8)]
-    reuse.deploy.export_onnx(model, folder / "fp32.onnx", calibration[0][:1])
+    reuse.deploy.export_onnx(model, folder / "fp32.onnx", calibration[0][:1], for_quantization=True)
     report = reuse.deploy.quantize_onnx(folder / "fp32.onnx", folder / "int8.onnx", calibration)
     return model, folder / "fp32.onnx", folder / "int8.onnx", report
 
@@ -248,7 +293,7 @@ def classifier_int8(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module
     images, labels = brightness_images(128, torch.Generator().manual_seed(0))
     nearest_mean_head(model, images, labels)
     calibration = list(images.split(16))
-    reuse.deploy.export_onnx(model, folder / "fp32.onnx", calibration[0][:1])
+    reuse.deploy.export_onnx(model, folder / "fp32.onnx", calibration[0][:1], for_quantization=True)
     report = reuse.deploy.quantize_onnx(folder / "fp32.onnx", folder / "int8.onnx", calibration)
     return model, folder / "int8.onnx", report
 
@@ -403,7 +448,7 @@ def test_int8_of_the_authors_1_lrunet_does_not_depend_on_the_calibration_sample(
     x_train = train["images"][:, None].astype(np.float32) / 255  # (60000, 1, 28, 28), [0, 1] as the authors
     x_test, y_test = test["images"][:2000, None].astype(np.float32) / 255, test["labels"][:2000]
     model = reuse.models.load_official(checkpoint)
-    reuse.deploy.export_onnx(model, tmp_path / "fp32.onnx", torch.from_numpy(x_test[:1]))
+    reuse.deploy.export_onnx(model, tmp_path / "fp32.onnx", torch.from_numpy(x_test[:1]), for_quantization=True)
     fp32 = (ort_run(tmp_path / "fp32.onnx", torch.from_numpy(x_test)).argmax(1) == y_test).mean()
     samples = {
         "first512": np.arange(512),

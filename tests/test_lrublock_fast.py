@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
+from _helpers import paper_block, paper_shuffle
 from _zoo import randomize
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -18,21 +18,6 @@ from hypothesis import strategies as st
 import reuse
 from reuse.models import LruBlock, LruNet
 from reuse.models._gather import repeat_gather
-
-
-def paper_shuffle(x: torch.Tensor, groups: int = 2, swap_halves: bool = True) -> torch.Tensor:
-    b, c, h, w = x.shape
-    if swap_halves:
-        x = torch.cat([x[:, c // 2 :], x[:, : c // 2]], dim=1)  # (B, C, H, W)
-    return x.view(b, groups, c // groups, h, w).permute(0, 2, 1, 3, 4).reshape(b, c, h, w)  # (B, C, H, W)
-
-
-def paper_block(block: LruBlock, x: torch.Tensor) -> torch.Tensor:
-    """The block with the multiplier-2 depthwise conv of the paper, using ``block``'s own modules."""
-    f = block.channels
-    y = block.dw_bn(F.conv2d(x, block.dw.weight, block.dw.bias, padding=1, groups=f))  # (B, 2F, H, W)
-    y = block.pw_bn(block.pw(y))  # (B, F, H, W)
-    return torch.relu(y + x)  # (B, F, H, W)
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])

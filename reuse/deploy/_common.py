@@ -19,6 +19,7 @@ from reuse.optimize import optimize_for_inference
 
 EXTRA = 'pip install "torch-reuse[deploy]"'
 REWRITE = "optimize_for_inference(model, share_weights=True)"  # what export_onnx and export_pte export
+FORM_KEY = "reuse.export_form"  # metadata of an fp32 ONNX file whose blocks are in their fp32 export form
 
 
 def require(module: str, caller: str) -> Any:

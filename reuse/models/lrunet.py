@@ -22,6 +22,7 @@ from reuse.layer import LayerReuse, wrap
 from reuse.models._folded import folded_forward
 from reuse.models._gather import repeat_gather, saved_as_gather
 from reuse.models._layers import GlobalPool, SelfConcat, take_indices
+from reuse.models._split import SplitLruUse, channel_affine
 
 __all__ = ["LruBlock", "LruNet", "SelfConcat"]
 
@@ -73,6 +74,23 @@ class LruBlock(nn.Module):
         y = self.dw_bn(self._depthwise(xr, x, groups, swap))  # (B, 2F, H, W)
         y = self.pw_bn(self.pw(y))  # (B, F, H, W)
         return y.add_(shortcut).relu_()  # (B, F, H, W), shortcut; in place: fewer fresh buffers, each one page-faults
+
+    def export_form(self) -> nn.Module | None:
+        """Deploy hook: the module :func:`reuse.deploy.export_onnx` writes in this block's place, the same
+        function split by the parity of the depthwise channels, so that onnxruntime runs it with a gather of F
+        channels and no strided slice (1.3-1.4x the batch-256 throughput of 14-LruNet; see
+        reuse/models/_split.py). ``None`` (the block is exported as it is) in training mode or when a norm is
+        not a per-channel affine map in eval mode.
+
+        Example:
+            >>> block = LruBlock(16).eval()
+            >>> x = torch.randn(2, 16, 4, 4)
+            >>> torch.allclose(block.export_form()(x), block(x), atol=1e-5)
+            True
+        """
+        if self.training or channel_affine(self.dw, self.dw_bn) is None or channel_affine(self.pw, self.pw_bn) is None:
+            return None
+        return SplitLruUse(self)
 
     def _depthwise(self, xr: Tensor, source: Tensor, groups: int, swap: bool) -> Tensor:
         if torch.jit.is_scripting():
