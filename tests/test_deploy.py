@@ -202,6 +202,48 @@ def test_bad_inputs_name_the_option(tmp_path: Path) -> None:
         reuse.deploy.quantize_onnx(tmp_path / "m.onnx", tmp_path / "q.onnx", [])
     with pytest.raises(reuse.ReuseError, match="^quantize_onnx: method must be one of"):
         reuse.deploy.quantize_onnx(tmp_path / "m.onnx", tmp_path / "q.onnx", [torch.randn(1, 3, 12, 12)], method="x")
+    for bad in (0, 100.5, "99", True):
+        with pytest.raises(reuse.ReuseError, match=r"^quantize_onnx: percentile must be a number in \(0, 100\]"):
+            reuse.deploy.quantize_onnx(
+                tmp_path / "m.onnx", tmp_path / "q.onnx", [torch.randn(1, 3, 12, 12)], percentile=bad
+            )
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def activation_scales(path: Path) -> dict[str, float]:
+    """The scale of every activation's QuantizeLinear (a stored constant with ``compact=False``), by tensor."""
+    model = onnx.load(str(path))
+    stored = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    return {
+        node.input[0]: float(stored[node.input[1]])
+        for node in model.graph.node
+        if node.op_type == "QuantizeLinear" and node.input[0] not in stored and stored[node.input[1]].size == 1
+    }
+
+
+def test_percentile_calibration_is_the_default_and_clips_the_extremes(tmp_path: Path) -> None:
+    """The default ranges (percentile 99.999) lie inside the min-max ones, and one value far out (one pixel of 512
+    images, 40x brighter: 1 in 400,000 values) widens min-max ranges, not the default's."""
+    model = randomize(LruNet(width_mult=0.25, reuse=2, in_chans=1), seed=1).eval()
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.rand(64, 1, 28, 28, generator=generator) for _ in range(8)]
+    batches[2][5, 0, 14, 14] = 40.0
+    reuse.deploy.export_onnx(model, tmp_path / "fp32.onnx", batches[0][:1], for_quantization=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a random head: the skewed-sample warning
+        default = reuse.deploy.quantize_onnx(
+            tmp_path / "fp32.onnx", tmp_path / "p.onnx", batches, compact=False, center=True
+        )
+        reuse.deploy.quantize_onnx(
+            tmp_path / "fp32.onnx", tmp_path / "m.onnx", batches, compact=False, center=True, method="minmax"
+        )
+    assert default.notes[1].startswith("calibration: percentile 99.999, 512 inputs")
+    percentile, minmax = activation_scales(tmp_path / "p.onnx"), activation_scales(tmp_path / "m.onnx")
+    assert percentile.keys() == minmax.keys() and len(percentile) > 20
+    ratios = np.array([minmax[t] / percentile[t] for t in percentile])
+    assert (ratios > 1 - 1e-6).all(), f"a percentile range wider than the min-max range: {ratios.min()}"
+    assert minmax["input"] > 30 / 255 and percentile["input"] < 2 / 255, "the input's range: to 40 against to 1"
+    assert ratios.max() > 1.5, "no activation range follows the outlier under min-max"
 
 
 def hide(monkeypatch: pytest.MonkeyPatch, package: str) -> None:
@@ -345,6 +387,26 @@ def test_int8_stores_each_shared_weight_once(small_int8: tuple) -> None:
     # 4 shared convs per use: 4 stages x 2 convs, each of 4 uses read one of them
     assert report.notes[0].startswith("32 uses read a shared int8 weight")
     assert report.tensor_bytes < 0.5 * report.param_bytes, str(report)  # float32 weights: 4 bytes each
+
+
+def test_int8_outputs_are_float_from_the_classifier_on(small_int8: tuple) -> None:
+    """LruNet ends classifier conv -> ReLU -> average pool -> flatten: none of their outputs is quantized (no
+    range from the calibration data clips the logits; the ReLU, which the quantizer folds into a range from 0,
+    is back), while the classifier's input and weight are int8."""
+    _, _, int8, report = small_int8
+    graph = onnx.load(str(int8)).graph
+    producer = {out: node for node in graph.node for out in node.output}
+    chain, name = [], graph.output[0].name
+    while producer[name].op_type != "Conv":
+        chain.append(producer[name].op_type)
+        name = producer[name].input[0]
+    assert chain == ["Flatten", "GlobalAveragePool", "Relu"], chain
+    quantized = {node.input[0] for node in graph.node if node.op_type == "QuantizeLinear"}
+    assert name not in quantized, "the classifier's output is quantized"
+    classifier = producer[name]
+    assert producer[classifier.input[0]].op_type == "DequantizeLinear"  # int8 input
+    assert producer[classifier.input[1]].op_type == "DequantizeLinear"  # int8 weight
+    assert "outputs in float (3 QDQ pairs removed)" in report.notes[1]  # conv (now a Relu), pool, flatten
 
 
 def test_int8_file_has_per_use_activation_scales(small_int8: tuple) -> None:
