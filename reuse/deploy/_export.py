@@ -153,14 +153,15 @@ def export_onnx(
     per shared weight, each use's BatchNorm a per-use ``Mul`` and ``Add``; conv-BN pairs outside reuse folded),
     exported, and compacted: constants become initializers, identical tensors are merged by content, unused ones
     dropped. Blocks that have an fp32 form of their own (``export_form()``, a deploy hook:
-    :class:`~reuse.models.LruBlock`'s splits each use by the parity of its depthwise channels, 1.3-1.4x the
-    batch-256 throughput of 14-LruNet in onnxruntime) are written in that form, unless ``for_quantization``: the
-    file is then meant for :func:`quantize_onnx`, whose int8 file is smallest from the blocks as they are (0.52x
-    against 0.73x the parameter bytes of 14-LruNet). With ``dynamic_batch`` the batch axis of every input and output
-    is symbolic and the file holds nothing whose size depends on the batch. When onnxruntime is installed, the file
-    runs on ``example_inputs`` (and on a batch of another size) before it is written, and its outputs must match, to
-    ``tolerance`` (relative to the outputs' magnitude, at least 1), both those of the rewrite it was exported from
-    and those of the model handed in (a copy, in eval mode); an error says which differs.
+    :class:`~reuse.models.LruBlock`'s splits each use by the parity of its depthwise channels: 1.27x / 2.06x the
+    batch-256 throughput of 14-LruNet in onnxruntime on 1 / 2 threads) are written in that form, unless
+    ``for_quantization``: the file is then meant for :func:`quantize_onnx`, whose per-use steps (each use's
+    BatchNorm in its int8 scales, range centring) read the blocks as they are. With ``dynamic_batch`` the batch axis
+    of every input and output is symbolic and the file holds nothing whose size depends on the batch. When
+    onnxruntime is installed, the file runs on ``example_inputs`` (and on a batch of another size) before it is
+    written, and its outputs must match, to ``tolerance`` (relative to the outputs' magnitude, at least 1), both
+    those of the rewrite it was exported from and those of the model handed in (a copy, in eval mode); an error says
+    which differs.
 
     Args:
         model: a module in eval or train mode (exported as in eval mode); it is not modified.

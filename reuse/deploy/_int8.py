@@ -131,9 +131,9 @@ def quantize_onnx(
     proto = onnx.load(str(src))
     if any(entry.key == FORM_KEY for entry in proto.metadata_props):
         warnings.warn(
-            f"quantize_onnx({src.name}): the file holds blocks in their fp32 export form (faster in fp32, larger "
-            "in int8: 0.73x instead of 0.52x the parameter bytes on 14-LruNet); for the int8 file, export with "
-            "reuse.deploy.export_onnx(..., for_quantization=True)",
+            f"quantize_onnx({src.name}): the file holds blocks in their fp32 export form (faster in fp32), which "
+            "the per-use steps do not recognise (no BatchNorm folded into per-use int8 scales, no range centring); "
+            "for the int8 file, export with reuse.deploy.export_onnx(..., for_quantization=True)",
             UserWarning,
             stacklevel=2,
         )

@@ -78,7 +78,7 @@ class LruBlock(nn.Module):
     def export_form(self) -> nn.Module | None:
         """Deploy hook: the module :func:`reuse.deploy.export_onnx` writes in this block's place, the same
         function split by the parity of the depthwise channels, so that onnxruntime runs it with a gather of F
-        channels and no strided slice (1.3-1.4x the batch-256 throughput of 14-LruNet; see
+        channels and no strided slice (1.27x / 2.06x the batch-256 throughput of 14-LruNet on 1 / 2 threads; see
         reuse/models/_split.py). ``None`` (the block is exported as it is) in training mode or when a norm is
         not a per-channel affine map in eval mode.
 
