@@ -279,6 +279,8 @@ def bench_n(n: int, args: argparse.Namespace, device: torch.device, dtype: torch
     x1 = torch.randn(1, 3, 32, 32, device=device)
 
     trainers = {name: train_step(make().to(device), x, y, dtype) for name, make in models_for(lib, ckpt).items()}
+    if args.cpu_bf16 and device.type == "cpu":  # the library under bf16 autocast (examples/lrunet_cifar.py --cpu-bf16)
+        trainers["library (bf16 autocast)"] = train_step(copy.deepcopy(lib), x, y, torch.bfloat16)
     result["train_s"] = race(trainers, args.reps, 1, device)
     del trainers
 
@@ -345,6 +347,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     parser.add_argument("--no-checkpoint", action="store_true", help="skip the checkpointed model")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch's CPU threads")
+    parser.add_argument(
+        "--cpu-bf16", action="store_true", help="on a CPU, also time the library's training under bf16 autocast"
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -965,3 +965,25 @@ def test_run_cli_turns_errors_into_one_line(
         lc.run_cli("demo.py", fails, "run it again")
     err = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == code and len(err) == 1 and err[0].startswith(line)
+
+
+def test_cpu_bf16_runs_the_training_steps_in_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--cpu-bf16``: the model's forward passes on a CPU run under bf16 autocast (off: float32)."""
+    seen: list[torch.dtype] = []
+    real = lc.build_model
+
+    def spy(cfg: lc.Config, in_chans: int) -> torch.nn.Module:
+        model = real(cfg, in_chans)
+        model.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+        return model
+
+    monkeypatch.setattr(lc, "build_model", spy)
+    for bf16, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        seen.clear()
+        cfg = lc.resolve_defaults(
+            lc.Config(dataset="fashion-mnist", reuse=1, width=0.25, batch_size=4, epochs=1, cpu_bf16=bf16)
+        )
+        lc.time_training(cfg, torch.device("cpu"), steps=1)
+        assert seen and set(seen) == {expected}
+    assert "bf16 autocast" in lc.recipe_text(lc.Config(cpu_bf16=True), cuda=False)
+    assert "bf16 autocast" not in lc.recipe_text(lc.Config(), cuda=False)
