@@ -136,7 +136,7 @@ class Config:
     decay_norm_bias: bool = True  # weight decay on BatchNorm weights and biases too (the paper's); False: conv weights
     channels_last: bool = True  # model and batches in channels_last memory
     bf16: bool = True  # bf16 autocast on CUDA (no effect on a CPU)
-    cpu_bf16: bool = False  # bf16 autocast on a CPU too: faster where the CPU has bf16 instructions (AVX512-BF16, AMX)
+    cpu_bf16: bool = False  # bf16 autocast on a CPU too (measured: no faster on an AVX512-BF16 EPYC; AMX CPUs may gain)
 
 
 # Options a resumed run may change; every other one must match the run being resumed, but for --epochs, which may
@@ -317,7 +317,7 @@ def _parser(suppress: bool = False) -> argparse.ArgumentParser:
         "--cpu-bf16",
         action=both,
         default=d.cpu_bf16,
-        help="bf16 autocast on a CPU too (default: off; faster only on CPUs with bf16 instructions)",
+        help="bf16 autocast on a CPU too (default: off; no faster for 14-LruNet on an AVX512-BF16 EPYC: measure)",
     )
     return p
 
