@@ -63,7 +63,7 @@ def quantize_onnx(
        without, 83.99% with (fp32 84.35%).
     4. onnxruntime quantizes and calibrates each activation's range: by default the central ``percentile`` of its
        values (99.999: the 0.0005% at each end clipped). A min-max range is set by a handful of extreme values
-       and spends 20-50% of the 256 levels on them (median 1.28x the percentile range over 14-LruNet's 288
+       and spends 20-50% of the 256 levels on them (median 1.29x the percentile range over 14-LruNet's 285
        activations, up to 2x): 14-LruNet lost up to 0.53 points with ``"minmax"``, at most 0.30 with this.
     5. Every use is pointed at ONE int8 copy of the shared weight, with the use's own signed per-channel
        scales: symmetric per-channel int8 of ``w * s_i`` is that of ``w``, up to the signs of ``s_i``.
