@@ -4,8 +4,9 @@
     python examples/deploy_lrunet.py --checkpoint path/to/fashionmnist-lru10-ckpt-09346.t7 --data-dir DIR
     python examples/deploy_lrunet.py --no-compile --out /tmp/deploy   # skip torch.compile (about 1 min a shape)
 
-For each checkpoint: export with ``reuse.deploy.export_onnx`` (every shared weight stored once), quantize to
-int8 with ``reuse.deploy.quantize_onnx`` calibrated on 512 training images, evaluate every path on the real
+For each checkpoint: export with ``reuse.deploy.export_onnx`` (every shared weight stored once; each LRU use in
+its fp32 form), export again with ``for_quantization=True`` and quantize that file to int8 with
+``reuse.deploy.quantize_onnx`` calibrated on 512 training images, evaluate every path on the real
 Fashion-MNIST test set (10,000 images) and time it. ``--data-dir`` holds ``train.npz`` and ``test.npz``
 (``images`` uint8 N x 28 x 28, ``labels``), as in ``../shared/data/fashion_mnist``. Inputs are pixels in [0, 1],
 as the authors trained. Needs ``pip install -e ".[deploy]"``.
