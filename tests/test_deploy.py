@@ -549,3 +549,55 @@ def test_export_pte_without_executorch_says_what_to_install(tmp_path: Path, monk
     hide(monkeypatch, "executorch")
     with pytest.raises(reuse.ReuseError, match="pip install executorch"):
         reuse.deploy.export_pte(plain_cnn(), tmp_path / "m.pte", torch.randn(1, 3, 12, 12))
+
+
+def test_a_trained_lrunet_exports_in_its_split_form_after_inference_mode_evaluation(tmp_path: Path) -> None:
+    """As a user would: train a few steps, evaluate under inference_mode, export (each use split), and the file
+    computes what the trained model computes, in eval mode, at another batch size."""
+    torch.manual_seed(0)
+    model = LruNet(width_mult=0.25, reuse=3, in_chans=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(3):
+        x, y = torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.inference_mode():
+        model.eval()(torch.rand(4, 1, 28, 28))
+    model.train()  # handed in as the user left it; export_onnx exports its eval-mode function
+    report = reuse.deploy.export_onnx(model, tmp_path / "m.onnx", torch.rand(1, 1, 28, 28))
+    assert "12 blocks in their fp32 export form" in report.notes[0]
+    x = torch.rand(5, 1, 28, 28)
+    with torch.no_grad():
+        expected = model.eval()(x).numpy()
+    np.testing.assert_allclose(ort_run(tmp_path / "m.onnx", x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_int8_of_a_converted_resnet_keeps_its_linear_head_in_float(tmp_path: Path) -> None:
+    """A network that reuses through reuse.fx.convert (no LRU block, so no export form) ends in a Linear: its
+    output is the Gemm's own, not a dequantized copy, and its input and weight are int8."""
+    from torchvision.models.resnet import BasicBlock
+
+    torch.manual_seed(0)
+    stage = nn.Sequential(*(BasicBlock(8, 8) for _ in range(3)))
+    net = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), stage, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)
+    )
+    model = randomize(reuse.fx.convert(net, example_inputs=torch.randn(1, 1, 12, 12))).eval()
+    assert any(isinstance(m, reuse.LayerReuse) for m in model.modules())
+    reuse.deploy.export_onnx(model, tmp_path / "fp32.onnx", torch.rand(1, 1, 12, 12), for_quantization=True)
+    batches = [torch.rand(16, 1, 12, 12, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a random network: the skewed-sample warning
+        report = reuse.deploy.quantize_onnx(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", batches)
+    graph = onnx.load(str(tmp_path / "int8.onnx")).graph
+    producer = {out: node for node in graph.node for out in node.output}
+    head = producer[graph.output[0].name]
+    assert head.op_type == "Gemm", head.op_type
+    assert producer[head.input[0]].op_type == producer[head.input[1]].op_type == "DequantizeLinear"
+    assert "outputs in float (1 QDQ pairs removed)" in report.notes[1]
+    x = torch.rand(8, 1, 12, 12)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    np.testing.assert_allclose(ort_run(tmp_path / "int8.onnx", x), expected, atol=0.1 * np.abs(expected).max())

@@ -51,11 +51,7 @@ def channel_affine(conv: nn.Conv2d, norm: nn.Module) -> tuple[Tensor, Tensor] | 
     if isinstance(norm, nn.Identity):
         return torch.ones_like(bias), bias
     if isinstance(norm, nn.BatchNorm2d) and not norm.training and norm.track_running_stats:
-        scale = torch.rsqrt(norm.running_var + norm.eps)  # (C,)
-        shift = -norm.running_mean * scale  # (C,)
-        if norm.affine:
-            scale, shift = scale * norm.weight, shift * norm.weight + norm.bias
-        return scale, bias * scale + shift
+        norm = ChannelAffine.from_batchnorm(norm)  # the one eval-mode BatchNorm arithmetic (reuse.optimize)
     if isinstance(norm, ChannelAffine):
         return norm.scale, bias * norm.scale + norm.shift
     return None
