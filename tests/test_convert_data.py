@@ -61,6 +61,36 @@ def test_fitted_rank_0_is_closer_than_the_mean_on_the_calibration_data(data: tor
     assert errors["fit"] < errors["mean"], errors
 
 
+def _kl(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Mean KL(softmax(ref) || softmax(out)) per input, written out here rather than taken from the library."""
+    p, logq = ref.double().softmax(1), out.double().log_softmax(1)
+    return float((p * (p.log() - logq)).sum(1).mean())
+
+
+@pytest.mark.parametrize(("seed", "rank"), [(0, 0), (1, 0), (2, 1), (3, 2)])
+def test_auto_init_takes_the_cheaper_of_mean_and_fit(data: torch.Tensor, seed: int, rank: int) -> None:
+    model = stack(seed=seed)  # one run; 48 inputs: the costs are measured on the data calibrated on
+    with torch.no_grad():
+        ref = model(data)
+        outs = {init: reuse.fx.convert(model, data=data, init=init, delta_rank=rank)(data) for init in ("mean", "fit")}
+        auto, rep = reuse.fx.convert(model, data=data, init="auto", delta_rank=rank, report=True)
+        got = auto(data)
+    kl = {init: _kl(out, ref) for init, out in outs.items()}
+    picked = min(kl, key=kl.get)
+    torch.testing.assert_close(got, outs[picked], rtol=1e-5, atol=1e-5)
+    (note,) = [n for n in rep.notes if n.startswith("init='auto'")]
+    assert f": {picked} (cost mean {kl['mean']:.4f}, fit {kl['fit']:.4f})" in note, (note, kl)
+    assert rep.options["init"] == "auto"
+
+
+def test_auto_init_under_a_budget(data: torch.Tensor) -> None:
+    model = stack(blocks=5)
+    new, rep = reuse.fx.convert(model, data=data, init="auto", budget=0.8, report=True)
+    assert rep.params_after <= 0.8 * rep.params_before or any("cannot be met" in n for n in rep.notes)
+    assert [n for n in rep.notes if n.startswith("init='auto'")]
+    assert new(data).shape == (48, 5)
+
+
 def _objective(w: torch.Tensor, targets: list[torch.Tensor], covs: list[torch.Tensor]) -> float:
     return float(sum(torch.trace((w - t) @ c @ (w - t).T) for t, c in zip(targets, covs)))
 
@@ -143,6 +173,8 @@ def test_a_model_that_already_reuses_is_kept_and_calibrated() -> None:
     ("options", "match"),
     [
         (dict(init="fit"), r"init='fit' needs calibration inputs"),
+        (dict(init="auto"), r"init='auto' needs calibration inputs"),
+        (dict(init="best", data=torch.randn(4, 3, 6, 6)), r"init must be 'first', 'mean', 'fit' .* or 'auto'"),
         (dict(align="activations"), r"align='activations' needs calibration inputs"),
         (dict(budget=0.5), r"budget measures each choice on calibration inputs"),
         (dict(data=torch.randn(4, 3, 6, 6), budget=0.0), r"budget must be a fraction"),

@@ -30,7 +30,7 @@ from reuse._per_use import PerUse
 from reuse.calibration import reestimate, running_stat_modules
 from reuse.delta import DeltaRank
 from reuse.filter import filter_reuse
-from reuse.fx.budget import Choice, choose
+from reuse.fx.budget import Choice, choose, cost_inputs, pick_init
 from reuse.fx.build import Built, build, prepare
 from reuse.fx.find import find
 from reuse.fx.options import FINDING, Options, check_options
@@ -105,9 +105,11 @@ def convert(
             converted without shuffle and the report says why. By default True, but False when ``data`` is
             given (a trained network's blocks had no shuffle between them).
         groups: groups of the shuffle.
-        init: shared weights from the ``"first"`` block of each run, the ``"mean"`` of its blocks, or ``"fit"``:
+        init: shared weights from the ``"first"`` block of each run, the ``"mean"`` of its blocks, ``"fit"``:
             fitted in closed form, with each use's delta, to reproduce what every block computed on ``data``
-            (see :mod:`reuse.fx.fit`). By default ``"fit"`` when ``data`` is given, else ``"first"``.
+            (see :mod:`reuse.fx.fit`), or ``"auto"``: per run, whichever of the aligned mean and the fit costs less
+            on ``data``, measured as a budget's options are (the report's notes give both costs; a trained network's
+            runs differ: see docs/convert.md). By default ``"fit"`` when ``data`` is given, else ``"first"``.
         leaf_modules: module classes or qualified names that tracing must not enter (for code FX cannot trace).
         inplace: convert ``model`` itself instead of a deep copy.
         level: grain of reuse: ``"layer"`` (runs of whole blocks, the default), ``"filter"`` or ``"kernel"``
@@ -200,16 +202,26 @@ def _build(model: nn.Module, plan: Plan, opts: Options) -> tuple[dict[int, Built
     if opts.budget is not None:
         choices, notes = choose(model, runs, prepared, opts)  # type: ignore[assignment]
     built = {}
+    measure = cost_inputs(model, opts) if opts.init == "auto" and opts.batches else None
+    picked: list[str] = []
     for i, run, prep, choice in zip(todo, runs, prepared, choices):
         cost = None if choice is None else choice.cost
         if choice is not None and choice.rank is None:
             why = f"left as it is to fit budget={opts.budget} (cost {choice.cheapest:.4f} if tied)"
             built[i] = Built(None, skipped=why, aligned=prep.aligned, cost=cost)
             continue
+        rank = opts.delta_rank if choice is None else choice.rank
         try:  # LayerReuse.from_blocks copies what it takes from the blocks
-            built[i] = replace(build(run, prep, opts, opts.delta_rank if choice is None else choice.rank), cost=cost)
+            if measure is not None:
+                made, note = pick_init(model, run, prep, opts, rank, measure)
+                picked.append(note)
+            else:
+                made = build(run, prep, opts, rank)
+            built[i] = replace(made, cost=cost)
         except ReuseError as err:  # a run the planner accepted but LayerReuse refuses: skip it, say why
             built[i] = Built(None, skipped=f"LayerReuse refused the blocks: {err}", aligned=prep.aligned, cost=cost)
+    if picked:
+        notes.append("init='auto': " + "; ".join(picked))
     return built, notes
 
 

@@ -16,7 +16,7 @@ import itertools
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -25,12 +25,12 @@ from torch import Tensor, nn
 
 from reuse._data import model_device
 from reuse.calibration import reestimate
-from reuse.delta import full_rank
-from reuse.fx.build import Prepared, build
+from reuse.delta import DeltaRank, full_rank
+from reuse.fx.build import Built, Prepared, build
 from reuse.fx.options import Options
 from reuse.fx.plan import PlannedRun
 
-__all__ = ["COST_IMAGES", "RANKS", "Choice", "choose", "output_cost"]
+__all__ = ["COST_IMAGES", "RANKS", "Choice", "choose", "cost_inputs", "output_cost", "pick_init"]
 
 RANKS = (0, 1, 2, 4, 8, 16, 32)  # the delta ranks a budget chooses from
 COST_IMAGES = 512  # calibration inputs each option is measured on (fits and the final calibration use them all)
@@ -76,8 +76,7 @@ def choose(
     measured cost, and the notes that say what each option cost."""
     total = sum(p.numel() for p in model.parameters())
     limit = opts.budget * total
-    batches = _first(list(opts.batches), COST_IMAGES)
-    reference = _outputs(model, batches)
+    batches, reference = cost_inputs(model, opts)
     options: list[list[tuple[int | None, int, float]]] = []  # per run: [(rank, params saved, cost)]
     for run, prep in zip(runs, prepared):
         rows: list[tuple[int | None, int, float]] = [(None, 0, 0.0)]
@@ -104,6 +103,34 @@ def choose(
     )  # fmt: skip
     choices = [Choice(p[0], p[2], min(c for _, _, c in rows[1:])) for p, rows in zip(picks, options)]
     return choices, notes
+
+
+def cost_inputs(model: nn.Module, opts: Options) -> tuple[list[Tensor], list[Tensor]]:
+    """The first :data:`COST_IMAGES` calibration inputs and the original model's outputs on them: what every
+    option's cost is measured on."""
+    batches = _first(list(opts.batches or ()), COST_IMAGES)
+    return batches, _outputs(model, batches)
+
+
+def pick_init(
+    model: nn.Module,
+    run: PlannedRun,
+    prepared: Prepared,
+    opts: Options,
+    rank: DeltaRank,
+    measure: tuple[list[Tensor], list[Tensor]],
+) -> tuple[Built, str]:
+    """``init="auto"``: the run tied at ``rank`` from the mean of its aligned blocks and from the fit, each
+    measured as a budget's options are (the run alone tied, statistics re-estimated, KL from the original
+    network's outputs on ``measure``, see :func:`cost_inputs`); the cheaper one, and a note giving both costs."""
+    batches, reference = measure
+    costs = {}
+    for init in ("mean", "fit"):
+        built = build(run, prepared, replace(opts, init=init), rank)
+        costs[init] = (output_cost(_tied(model, run, built.layer, batches), batches, reference), built)
+    best = min(costs, key=lambda k: costs[k][0])
+    note = f"{run.path}: {best} (cost mean {costs['mean'][0]:.4f}, fit {costs['fit'][0]:.4f})"
+    return costs[best][1], note
 
 
 def _first(batches: list[Tensor], images: int) -> list[Tensor]:

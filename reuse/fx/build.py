@@ -84,7 +84,7 @@ def build(run: PlannedRun, prepared: Prepared, opts: Options, rank: DeltaRank) -
             m.training = lr.training
         deltas = sum(p.numel() for i in range(lr.n) for d in lr.deltas(i).values() for p in _own(d))
     fitted = 0
-    if opts.init == "fit" and prepared.inputs is not None:
+    if opts.init in ("fit", "auto") and prepared.inputs is not None:  # auto: fit here, the choice in the caller
         fitted = len(fit_layers(lr.uses, paths, blocks, prepared.inputs, prepared.moments))
     params = sum(p.numel() for p in lr.parameters())
     return Built(lr, rank=rank, params_after=params, params_deltas=deltas, aligned=prepared.aligned, fitted=fitted)

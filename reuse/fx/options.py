@@ -25,7 +25,7 @@ from reuse.fx.fit import ALIGNS
 __all__ = ["BANK_SIZE", "FINDING", "INITS", "LEVELS", "Options", "check_options"]
 
 LEVELS = ("layer", "filter", "kernel")  # grains of reuse: whole blocks, or filters or kernels from shared banks
-INITS = ("first", "mean", "fit")  # where a run's shared weights come from
+INITS = ("first", "mean", "fit", "auto")  # where a run's shared weights come from
 BANK_SIZE = 0.5  # level="filter"|"kernel" with bank_size left out: banks of half the entries they replace
 FINDING = ("min_run", "shuffle", "groups", "per_use", "leaf_modules", "example_inputs")  # options that decide runs
 
@@ -37,7 +37,7 @@ class Options:
     min_run: int  # fewest blocks in a run worth converting
     shuffle: bool  # the paper's channel shuffle between uses (where the channels allow it)
     groups: int  # groups of the shuffle
-    init: str  # shared weights from the "first" block, the "mean" of the blocks, or "fit" to the data
+    init: str  # shared weights from the "first" block, the "mean" of the blocks, "fit" to the data, or "auto"
     per_use: PerUse  # which modules each use gets its own copy of
     leaf_types: tuple[type[nn.Module], ...]  # leaf_modules given as classes
     leaf_paths: frozenset[str]  # leaf_modules given as qualified names
@@ -92,7 +92,10 @@ def check_options(
     groups = check_int(groups, "groups", "convert", about="the channel shuffle's groups")
     init = ("first" if data is None else "fit") if init is None else init
     if init not in INITS:
-        raise ReuseError(f"convert: init must be 'first', 'mean' or 'fit' (fitted to calibration data), got {init!r}")
+        raise ReuseError(
+            "convert: init must be 'first', 'mean', 'fit' (fitted to calibration data) or 'auto' (per run, the "
+            f"better of 'mean' and 'fit' as measured on the calibration data), got {init!r}"
+        )
     try:
         per_use_predicate(per_use)  # type: ignore[arg-type]
     except ReuseError as err:
@@ -183,7 +186,8 @@ def _data(
     ):
         raise ReuseError(f"convert: budget must be a fraction of the model's parameters in (0, 1], got {budget!r}")
     if data is None:
-        for name, value in (("init='fit'", init == "fit"), ("align='activations'", align == "activations")):
+        needs = (("init='fit'", init == "fit"), ("init='auto'", init == "auto"))
+        for name, value in (*needs, ("align='activations'", align == "activations")):
             if value:
                 raise ReuseError(f"convert: {name} needs calibration inputs; pass data=<a tensor or a DataLoader>")
         if budget is not None:
@@ -191,7 +195,7 @@ def _data(
         return None, align  # type: ignore[return-value]
     if level != "layer":
         raise ReuseError(f"convert: data calibrates reused blocks; it takes level='layer', got {level!r}")
-    if shuffle and (init == "fit" or align):
+    if shuffle and (init in ("fit", "auto") or align):
         raise ReuseError(
             "convert: a shuffle between uses changes what a trained network computes, so its blocks cannot be "
             "aligned or fitted to it; pass shuffle=False (the default with data)"
