@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             ("weight-aligned mean + calibrate", dict(init="mean", shuffle=False, align="weights"), True),
             ("activation-aligned fit + calibrate", dict(data=calib, align="activations"), True),
             ("weight-aligned fit + calibrate (the default with data)", dict(data=calib), True),
+            ("weight-aligned mean or fit per run (init='auto') + calibrate", dict(data=calib, init="auto"), True),
         ]
         for name, options, calibrated in [s for s in steps if args.steps == "all" or s[0] in short]:
             t0 = time.perf_counter()
