@@ -510,7 +510,7 @@ def test_untraceable_root_forward() -> None:
         ({"level": "block"}, r"level must be 'layer' \(whole blocks\), 'filter' or 'kernel'"),
         ({"level": "filter", "mode": "soft"}, r"mode"),
         ({"min_run": 1}, r"min_run must be an int >= 2"),
-        ({"init": "avg"}, r"init must be 'first', 'mean' or 'fit'"),
+        ({"init": "avg"}, r"init must be 'first', 'mean', 'fit' .* or 'auto'"),
         ({"groups": 0}, r"groups must be a positive int"),
         ({"leaf_modules": [3]}, r"leaf_modules holds 3"),
         ({"leaf_modules": ["nope"]}, r"leaf_modules names 'nope', which is not a submodule"),
