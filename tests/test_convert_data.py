@@ -160,10 +160,11 @@ def test_a_budget_that_cannot_be_met_takes_the_smallest_and_says_so(data: torch.
     assert any("cannot be met" in n for n in rep.notes)
 
 
-def test_a_model_that_already_reuses_is_kept_and_calibrated() -> None:
+@pytest.mark.parametrize("init", [None, "auto"])
+def test_a_model_that_already_reuses_is_kept_and_calibrated(init: str | None) -> None:
     torch.manual_seed(0)
     model = randomize(LruNet(reuse=2, width_mult=0.25)).eval()
-    new, rep = reuse.fx.convert(model, data=torch.randn(8, 3, 32, 32), report=True)
+    new, rep = reuse.fx.convert(model, data=torch.randn(8, 3, 32, 32), init=init, report=True)
     assert rep.converted == [] and any("kept" in n for n in rep.notes)
     assert not torch.allclose(new.stage1.uses[1].dw_bn.running_mean, model.stage1.uses[1].dw_bn.running_mean)
     new.train()(torch.randn(2, 3, 32, 32)).sum().backward()  # and it trains

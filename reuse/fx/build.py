@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from reuse.delta import DeltaRank, init_from_blocks
 from reuse.fx.fit import align_blocks, fit_layers, owned_copies, run_inputs
-from reuse.fx.options import Options
+from reuse.fx.options import FITTED, Options
 from reuse.fx.plan import PlannedRun
 from reuse.layer import LayerReuse
 
@@ -84,7 +84,7 @@ def build(run: PlannedRun, prepared: Prepared, opts: Options, rank: DeltaRank) -
             m.training = lr.training
         deltas = sum(p.numel() for i in range(lr.n) for d in lr.deltas(i).values() for p in _own(d))
     fitted = 0
-    if opts.init in ("fit", "auto") and prepared.inputs is not None:  # auto: fit here, the choice in the caller
+    if opts.init in FITTED and prepared.inputs is not None:  # "auto": fitted here, the caller measures both
         fitted = len(fit_layers(lr.uses, paths, blocks, prepared.inputs, prepared.moments))
     params = sum(p.numel() for p in lr.parameters())
     return Built(lr, rank=rank, params_after=params, params_deltas=deltas, aligned=prepared.aligned, fitted=fitted)

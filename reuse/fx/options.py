@@ -22,10 +22,11 @@ from reuse._per_use import PerUse, per_use_predicate
 from reuse.delta import DeltaRank, check_rank
 from reuse.fx.fit import ALIGNS
 
-__all__ = ["BANK_SIZE", "FINDING", "INITS", "LEVELS", "Options", "check_options"]
+__all__ = ["BANK_SIZE", "FINDING", "FITTED", "INITS", "LEVELS", "Options", "check_options"]
 
 LEVELS = ("layer", "filter", "kernel")  # grains of reuse: whole blocks, or filters or kernels from shared banks
 INITS = ("first", "mean", "fit", "auto")  # where a run's shared weights come from
+FITTED = ("fit", "auto")  # the inits that fit the shared weights to the calibration data
 BANK_SIZE = 0.5  # level="filter"|"kernel" with bank_size left out: banks of half the entries they replace
 FINDING = ("min_run", "shuffle", "groups", "per_use", "leaf_modules", "example_inputs")  # options that decide runs
 
@@ -186,8 +187,7 @@ def _data(
     ):
         raise ReuseError(f"convert: budget must be a fraction of the model's parameters in (0, 1], got {budget!r}")
     if data is None:
-        needs = (("init='fit'", init == "fit"), ("init='auto'", init == "auto"))
-        for name, value in (*needs, ("align='activations'", align == "activations")):
+        for name, value in ((f"init={init!r}", init in FITTED), ("align='activations'", align == "activations")):
             if value:
                 raise ReuseError(f"convert: {name} needs calibration inputs; pass data=<a tensor or a DataLoader>")
         if budget is not None:
@@ -195,7 +195,7 @@ def _data(
         return None, align  # type: ignore[return-value]
     if level != "layer":
         raise ReuseError(f"convert: data calibrates reused blocks; it takes level='layer', got {level!r}")
-    if shuffle and (init in ("fit", "auto") or align):
+    if shuffle and (init in FITTED or align):
         raise ReuseError(
             "convert: a shuffle between uses changes what a trained network computes, so its blocks cannot be "
             "aligned or fitted to it; pass shuffle=False (the default with data)"
