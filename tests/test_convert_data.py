@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from _helpers import Residual, Snapshot
 from _zoo import randomize
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import reuse
 from reuse import ReuseError
-from reuse.fx.fit import fit_shared, weighted_low_rank
+from reuse.fx.fit import fit_shared, refine_layers, weighted_low_rank
 from reuse.models import LruNet
 
 
@@ -113,6 +117,84 @@ def test_the_shared_weight_minimises_the_calibration_error() -> None:
         assert best <= _objective(shared.weight.detach().double() + step, ws, [c[0] for c in covs]) + 1e-9
 
 
+@settings(max_examples=20, deadline=None)
+@given(k=st.integers(2, 4), d=st.integers(2, 6), seed=st.integers(0, 2**16))
+def test_the_refit_solves_least_squares_on_the_converted_inputs(k: int, d: int, seed: int) -> None:
+    """The law behind refine_layers: a shared linear layer is refitted so that, on the inputs the CONVERTED uses
+    give it (use i's input is use i-1's output), the uses reproduce what the original blocks computed on theirs;
+    the oracle here is torch.linalg.lstsq on the stacked rows, not the library's normal equations."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = [nn.Linear(d, d, bias=False) for _ in range(k)]
+    with torch.no_grad():
+        for b in blocks:
+            b.weight.copy_(torch.randn(d, d, generator=g, dtype=torch.float64).float() / d**0.5)
+    xs = [torch.randn(64, d, generator=g) for _ in range(2)]
+    lr = reuse.LayerReuse.from_blocks(blocks, shuffle=False)
+    start = lr.uses[0].weight.detach().double().clone()  # the first block's weight: what the uses run before
+    refine_layers(lr.uses, [""], blocks, xs, sweeps=1)
+    x = torch.cat(xs).double()  # (N, d)
+    ins, outs, orig, conv = [], [], x, x
+    for b in blocks:
+        ins.append(conv)
+        orig = orig @ b.weight.detach().double().T  # (N, d): what block i computed
+        outs.append(orig)
+        conv = conv @ start.T  # the converted chain as it stood before the refit
+    want = torch.linalg.lstsq(torch.cat(ins), torch.cat(outs)).solution.T  # (d, d)
+    torch.testing.assert_close(lr.uses[0].weight.detach().double(), want, rtol=1e-3, atol=1e-3)
+
+
+def test_refitting_identical_blocks_keeps_them_exactly() -> None:
+    """Blocks that are one block: on any inputs, the least-squares refit of each (grouped) conv is that conv."""
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=2, bias=False), nn.ReLU(), nn.Conv2d(8, 8, 1)).eval()
+    blocks = [copy.deepcopy(block) for _ in range(3)]
+    lr = reuse.LayerReuse.from_blocks(blocks, shuffle=False).eval()
+    xs = [torch.randn(16, 8, 6, 6) for _ in range(2)]
+    with torch.no_grad():
+        ref = lr(xs[0])
+        assert refine_layers(lr.uses, lr.shared_layer_paths(), blocks, xs, sweeps=2) == ["0", "2"]
+        torch.testing.assert_close(lr(xs[0]), ref, rtol=1e-4, atol=1e-4)
+
+
+class _Lin(nn.Module):
+    """A block that is one linear map: the uses' chained inputs are then linear too, so lstsq is an oracle."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+@settings(max_examples=10, deadline=None)
+@given(k=st.integers(2, 4), d=st.integers(2, 6), seed=st.integers(0, 2**16))
+def test_fit_and_refit_are_least_squares_fits_of_the_chain(k: int, d: int, seed: int) -> None:
+    """convert's init="fit" at rank 0 is lstsq from every block's input rows to its outputs; init="refit" is lstsq
+    from the rows the fitted uses pass along (use i's input is use i-1's output) to the same outputs. Both oracles
+    are torch.linalg.lstsq on the stacked rows, written here from the definitions."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(*[_Lin(d) for _ in range(k)]).eval()
+    x = torch.randn(64, d)
+    got = {
+        init: reuse.fx.convert(net, data=x, init=init, calibrate=False, example_inputs=x[:1])[0].uses[0].fc.weight
+        for init in ("fit", "refit")
+    }
+    ins, outs, h = [], [], x.double()
+    for block in net:
+        ins.append(h)
+        h = h @ block.fc.weight.detach().double().T  # (64, d): what block i computed
+        outs.append(h)
+    fit = torch.linalg.lstsq(torch.cat(ins), torch.cat(outs)).solution.T  # (d, d)
+    chained, h = [], x.double()
+    for _ in net:
+        chained.append(h)
+        h = h @ fit.T  # the fitted uses, chained
+    refit = torch.linalg.lstsq(torch.cat(chained), torch.cat(outs)).solution.T  # (d, d)
+    torch.testing.assert_close(got["fit"].detach().double(), fit, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got["refit"].detach().double(), refit, rtol=1e-4, atol=1e-4)
+
+
 def test_theweighted_low_rank_delta_beats_the_plain_svd() -> None:
     g = torch.Generator().manual_seed(0)
     diff = torch.randn(1, 5, 7, generator=g, dtype=torch.float64)
@@ -160,7 +242,7 @@ def test_a_budget_that_cannot_be_met_takes_the_smallest_and_says_so(data: torch.
     assert any("cannot be met" in n for n in rep.notes)
 
 
-@pytest.mark.parametrize("init", [None, "auto"])
+@pytest.mark.parametrize("init", [None, "auto", "refit"])
 def test_a_model_that_already_reuses_is_kept_and_calibrated(init: str | None) -> None:
     torch.manual_seed(0)
     model = randomize(LruNet(reuse=2, width_mult=0.25)).eval()
@@ -175,6 +257,7 @@ def test_a_model_that_already_reuses_is_kept_and_calibrated(init: str | None) ->
     [
         (dict(init="fit"), r"init='fit' needs calibration inputs"),
         (dict(init="auto"), r"init='auto' needs calibration inputs"),
+        (dict(init="refit"), r"init='refit' needs calibration inputs"),
         (dict(init="best", data=torch.randn(4, 3, 6, 6)), r"init must be 'first', 'mean', 'fit' .* or 'auto'"),
         (dict(align="activations"), r"align='activations' needs calibration inputs"),
         (dict(budget=0.5), r"budget measures each choice on calibration inputs"),

@@ -107,9 +107,12 @@ def convert(
         groups: groups of the shuffle.
         init: shared weights from the ``"first"`` block of each run, the ``"mean"`` of its blocks, ``"fit"``:
             fitted in closed form, with each use's delta, to reproduce what every block computed on ``data``
-            (see :mod:`reuse.fx.fit`), or ``"auto"``: per run, whichever of the aligned mean and the fit costs less
-            on ``data``, measured as a budget's options are (the report's notes give both costs; a trained network's
-            runs differ: see docs/convert.md). By default ``"fit"`` when ``data`` is given, else ``"first"``.
+            (see :mod:`reuse.fx.fit`), ``"refit"``: fitted so, then each layer, in the order the block runs them,
+            fitted again on the inputs the converted uses give it (closer before calibration and with deltas,
+            farther at rank 0 after it on the MobileNet of docs/convert.md), or ``"auto"``: per run, whichever of
+            the aligned mean and the fit costs less on ``data``, measured as a budget's options are (the report's
+            notes give both costs; a trained network's runs differ: see docs/convert.md). By default ``"fit"`` when
+            ``data`` is given, else ``"first"``.
         leaf_modules: module classes or qualified names that tracing must not enter (for code FX cannot trace).
         inplace: convert ``model`` itself instead of a deep copy.
         level: grain of reuse: ``"layer"`` (runs of whole blocks, the default), ``"filter"`` or ``"kernel"``

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from reuse.delta import DeltaRank, init_from_blocks
-from reuse.fx.fit import align_blocks, fit_layers, owned_copies, run_inputs
+from reuse.fx.fit import align_blocks, fit_layers, owned_copies, refine_layers, run_inputs
 from reuse.fx.options import FITTED, Options
 from reuse.fx.plan import PlannedRun
 from reuse.layer import LayerReuse
@@ -66,9 +66,10 @@ def prepare(model: nn.Module, runs: Sequence[PlannedRun], opts: Options) -> list
 
 def build(run: PlannedRun, prepared: Prepared, opts: Options, rank: DeltaRank) -> Built:
     """The LayerReuse of a run: shared weights from the first block (or the mean, or fitted on the inputs with
-    ``init="fit"``), use ``i``'s per-use modules from block ``i``, and with a delta rank each use's deltas from the
-    SVD of block ``i`` minus the shared weights (weighted by block ``i``'s inputs when fitted). Raises what
-    :meth:`LayerReuse.from_blocks` raises for blocks it refuses."""
+    ``init="fit"``, then fitted again on the converted uses' inputs with ``init="refit"``), use ``i``'s per-use
+    modules from block ``i``, and with a delta rank each use's deltas from the SVD of block ``i`` minus the shared
+    weights (weighted by block ``i``'s inputs when fitted). Raises what :meth:`LayerReuse.from_blocks` raises for
+    blocks it refuses."""
     blocks = prepared.blocks
     lr = LayerReuse.from_blocks(blocks, shuffle=run.shuffle, groups=opts.groups, per_use=run.rule)
     lr.training = run.modules[0].training
@@ -86,6 +87,8 @@ def build(run: PlannedRun, prepared: Prepared, opts: Options, rank: DeltaRank) -
     fitted = 0
     if opts.init in FITTED and prepared.inputs is not None:  # "auto": fitted here, the caller measures both
         fitted = len(fit_layers(lr.uses, paths, blocks, prepared.inputs, prepared.moments))
+        if opts.init == "refit":  # each layer again, in call order, on the inputs the converted uses give it
+            refine_layers(lr.uses, paths, blocks, prepared.inputs)
     params = sum(p.numel() for p in lr.parameters())
     return Built(lr, rank=rank, params_after=params, params_deltas=deltas, aligned=prepared.aligned, fitted=fitted)
 

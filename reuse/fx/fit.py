@@ -8,6 +8,10 @@ the second moment of those inputs (im2col rows for a conv), the tied layer's err
 ``(W_i - W) C_i^(1/2)``, mapped back by ``C_i^(-1/2)`` (an activation-weighted SVD). The two are alternated a
 few times. Every other tensor (each use's BatchNorm) is the block's own; :func:`reuse.calibrate` then
 re-estimates the running statistics of the network as converted.
+
+That fit sees each layer on the original blocks' inputs, so a tied layer's error is not seen by the layers after
+it. :func:`refine_layers` (``convert(init="refit")``) fits each layer once more, in the order the block calls
+them, from the inputs the converted uses pass along to what the original blocks computed.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ __all__ = [
     "fit_shared",
     "fittable",
     "owned_copies",
+    "refine_layers",
     "run_inputs",
     "weighted_low_rank",
 ]
@@ -187,6 +192,104 @@ def norm_after(block: nn.Module, paths: Sequence[str]) -> dict[str, str]:
 
 
 @torch.no_grad()
+def refine_layers(
+    uses: Sequence[nn.Module],
+    paths: Sequence[str],
+    blocks: Sequence[nn.Module],
+    inputs: Sequence[Tensor],
+    *,
+    sweeps: int = 1,
+) -> list[str]:
+    """Fit each shared layer again, in the order the block runs them, on the inputs the CONVERTED uses give it.
+
+    :func:`fit_layers` fits every layer on the original blocks' inputs ``X_i``, so an error of a tied layer is not
+    seen by the layers after it. Here use ``i``'s layer at ``p`` receives ``Xh_i`` (the uses chained from the
+    run's input, with every layer as fitted so far) and should give what block ``i`` computed, ``W_i X_i``; the
+    least-squares map from one to the other is ``A_i = W_i M_i Ch_i^-1`` (``M_i = X_i^T Xh_i``,
+    ``Ch_i = Xh_i^T Xh_i``), and ``sum_i |Xh_i (W + D_i)^T - X_i W_i^T|^2`` differs from
+    ``sum_i tr((W + D_i - A_i) Ch_i (W + D_i - A_i)^T)`` by a constant, so :func:`fit_shared` solves it with
+    targets ``A_i`` and moments ``Ch_i``; the norm after each layer starts again from its block's statistics.
+    ``sweeps`` passes over the layers. Layers :func:`fittable` refuses are left alone; returns the paths refitted.
+    ``convert(init="refit")`` runs one sweep after :func:`fit_layers`."""
+    paths = _in_call_order(blocks[0], [p for p in paths if fittable(blocks[0].get_submodule(p))])
+    norms = norm_after(blocks[0], paths)
+    for _ in range(sweeps):
+        for p in paths:
+            cross, own = _paired_moments(uses, blocks, p, inputs)
+            ws = [b.get_submodule(p).weight.detach().double() for b in blocks]
+            g = own[0].shape[0]
+            targets = []
+            for w, m, c in zip(ws, cross, own):
+                w = w.reshape(g, -1, c.shape[-1])  # (g, rows, D)
+                targets.append(torch.linalg.solve(_ridged(c), (w @ m).transpose(1, 2)).transpose(1, 2))  # W M Ch^-1
+            views = [u.get_submodule(p) for u in uses]
+            deltas = [v if isinstance(v, LowRank) else None for v in views]
+            shared = deltas[0].base if deltas[0] is not None else views[0]
+            after = [u.get_submodule(norms[p]) for u in uses] if norms.get(p) else None
+            if after is not None and len({id(n) for n in after}) < len(after):
+                after = None  # one norm for several uses: fit_shared leaves it alone
+            if after is not None:
+                for norm, block in zip(after, blocks):  # fit_shared scales the block's own statistics
+                    original = block.get_submodule(norms[p])
+                    norm.running_mean.copy_(original.running_mean)
+                    norm.running_var.copy_(original.running_var)
+            origs = [b.get_submodule(p) for b in blocks]
+            fit_shared(shared, deltas, origs, own, after, weights=targets)
+    return list(paths)
+
+
+def _in_call_order(block: nn.Module, paths: Sequence[str]) -> list[str]:
+    """``paths`` in the order ``block``'s graph calls them (as given where the block cannot be traced)."""
+    try:
+        graph = layer_graph(block)
+    except Exception:
+        return list(paths)
+    order = [n.target for n in graph.nodes if n.op == "call_module" and n.target in paths]
+    return list(dict.fromkeys(order)) + [p for p in paths if p not in order]
+
+
+@torch.no_grad()
+def _paired_moments(
+    uses: Sequence[nn.Module], blocks: Sequence[nn.Module], path: str, inputs: Sequence[Tensor]
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Per use ``i``: ``M_i = X_i^T Xh_i`` and ``Ch_i = Xh_i^T Xh_i`` (each ``(g, D, D)``), with ``X_i`` the input
+    rows of block ``i``'s layer at ``path`` (the blocks chained from ``inputs``) and ``Xh_i`` those of use ``i``'s
+    (the uses chained from the same inputs)."""
+    k = len(blocks)
+    layer = blocks[0].get_submodule(path)
+    seen: dict[str, list[Tensor]] = {"orig": [], "conv": []}
+    hooks, hooked = [], set()
+    for i in range(k):
+        for side, owner in (("orig", blocks[i]), ("conv", uses[i])):
+            target = owner.get_submodule(path)  # the uses may share one module: hook it once
+            if id(target) not in hooked:
+                hooked.add(id(target))
+                grab = lambda _m, args, side=side: seen[side].append(_layer_rows(layer, args[0]))  # noqa: E731
+                hooks.append(target.register_forward_pre_hook(grab))
+    cross: list = [0.0] * k
+    own: list = [0.0] * k
+    modes = [(m, m.training) for mod in (*blocks, *uses) for m in mod.modules()]
+    try:
+        for m, _ in modes:
+            m.training = False
+        for x in inputs:
+            xo = xc = x
+            for i in range(k):
+                xo, xc = blocks[i](xo), uses[i](xc)
+                for xr, xh in zip(seen["orig"], seen["conv"]):  # (g, samples, D) each
+                    cross[i] = cross[i] + xr.transpose(1, 2) @ xh  # (g, D, D)
+                    own[i] = own[i] + xh.transpose(1, 2) @ xh  # (g, D, D)
+                seen["orig"].clear()
+                seen["conv"].clear()
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, mode in modes:
+            m.training = mode
+    return cross, own
+
+
+@torch.no_grad()
 def _input_moments(blocks: Sequence[nn.Module], paths: Sequence[str], inputs: Sequence[Tensor]) -> dict:
     """``{path: [C_i per block]}``: the second moment ``(g, D, D)`` of each layer's input rows (per group)."""
     k = len(blocks)
@@ -242,13 +345,17 @@ def fit_shared(
     targets: list[nn.Module],
     covs: list[Tensor],
     norms: list[nn.Module] | None = None,
+    weights: list[Tensor] | None = None,
 ) -> None:
     """Solve for the shared weight and the deltas of one layer (see the module docstring). With ``norms`` (use
     ``i``'s BatchNorm right after the layer), each block's output channels are first scaled to the same size on
     its inputs (a BatchNorm makes a channel's scale arbitrary: what matters is its direction), and each use's norm
-    statistics are scaled alike, so the use computes what its block did wherever the fit is exact."""
+    statistics are scaled alike, so the use computes what its block did wherever the fit is exact. ``weights``
+    (``(g, rows, D)`` per block) stand in for the targets' own weights (their biases are kept)."""
     g = covs[0].shape[0]
-    ws = [t.weight.detach().double().reshape(g, -1, covs[0].shape[-1]) for t in targets]  # k x (g, rows, D)
+    if weights is None:
+        weights = [t.weight.detach() for t in targets]
+    ws = [w.double().reshape(g, -1, covs[0].shape[-1]) for w in weights]  # k x (g, rows, D)
     covs = [_ridged(c) for c in covs]
     scales = [w.new_ones(w.shape[0] * w.shape[1]) for w in ws]  # (O,) per block
     if norms is not None and len({id(n) for n in norms}) < len(norms):

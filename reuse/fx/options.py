@@ -25,8 +25,8 @@ from reuse.fx.fit import ALIGNS
 __all__ = ["BANK_SIZE", "FINDING", "FITTED", "INITS", "LEVELS", "Options", "check_options"]
 
 LEVELS = ("layer", "filter", "kernel")  # grains of reuse: whole blocks, or filters or kernels from shared banks
-INITS = ("first", "mean", "fit", "auto")  # where a run's shared weights come from
-FITTED = ("fit", "auto")  # the inits that fit the shared weights to the calibration data
+INITS = ("first", "mean", "fit", "refit", "auto")  # where a run's shared weights come from
+FITTED = ("fit", "refit", "auto")  # the inits that fit the shared weights to the calibration data
 BANK_SIZE = 0.5  # level="filter"|"kernel" with bank_size left out: banks of half the entries they replace
 FINDING = ("min_run", "shuffle", "groups", "per_use", "leaf_modules", "example_inputs")  # options that decide runs
 
@@ -38,7 +38,7 @@ class Options:
     min_run: int  # fewest blocks in a run worth converting
     shuffle: bool  # the paper's channel shuffle between uses (where the channels allow it)
     groups: int  # groups of the shuffle
-    init: str  # shared weights from the "first" block, the "mean" of the blocks, "fit" to the data, or "auto"
+    init: str  # from the "first" block, the "mean" of the blocks, "fit" or "refit" to the data, or "auto"
     per_use: PerUse  # which modules each use gets its own copy of
     leaf_types: tuple[type[nn.Module], ...]  # leaf_modules given as classes
     leaf_paths: frozenset[str]  # leaf_modules given as qualified names
@@ -94,8 +94,9 @@ def check_options(
     init = ("first" if data is None else "fit") if init is None else init
     if init not in INITS:
         raise ReuseError(
-            "convert: init must be 'first', 'mean', 'fit' (fitted to calibration data) or 'auto' (per run, the "
-            f"better of 'mean' and 'fit' as measured on the calibration data), got {init!r}"
+            "convert: init must be 'first', 'mean', 'fit' (fitted to calibration data), 'refit' (fitted, then each "
+            "layer fitted again on the converted uses' inputs) or 'auto' (per run, the better of 'mean' and 'fit' as "
+            f"measured on the calibration data), got {init!r}"
         )
     try:
         per_use_predicate(per_use)  # type: ignore[arg-type]
