@@ -149,6 +149,12 @@ def _parser() -> argparse.ArgumentParser:
         help="short: only the mean as before, with calibration, and the default with data",
     )
     p.add_argument("--budgets", default="0.5,0.35,0.25", help="fractions of the teacher's parameters, or 'none'")
+    p.add_argument(
+        "--budget-init",
+        choices=("fit", "refit", "auto"),
+        default="fit",
+        help="convert's init for the budgets' conversions (default: %(default)s, convert's default with data)",
+    )
     p.add_argument("--epochs", type=int, default=1, help="distillation epochs after conversion (default: 1)")
     p.add_argument("--no-pruning", dest="pruning", action="store_false", help="leave Torch-Pruning out")
     p.add_argument("--batch-size", type=int, default=128)
@@ -200,6 +206,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             ("weight-aligned mean + calibrate", dict(init="mean", shuffle=False, align="weights"), True),
             ("activation-aligned fit + calibrate", dict(data=calib, align="activations"), True),
             ("weight-aligned fit + calibrate (the default with data)", dict(data=calib), True),
+            (
+                "weight-aligned fit, refitted on the converted inputs (init='refit') + calibrate",
+                dict(data=calib, init="refit"),
+                True,
+            ),
             ("weight-aligned mean or fit per run (init='auto') + calibrate", dict(data=calib, init="auto"), True),
         ]
         for name, options, calibrated in [s for s in steps if args.steps == "all" or s[0] in short]:
@@ -220,13 +231,20 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for budget in [] if args.budgets == "none" else [float(b) for b in args.budgets.split(",")]:
         t0 = time.perf_counter()
         student, rep = reuse.fx.convert(
-            teacher, data=calib, budget=budget, example_inputs=example, calibrate=False, report=True
+            teacher,
+            data=calib,
+            budget=budget,
+            init=args.budget_init,
+            example_inputs=example,
+            calibrate=False,
+            report=True,
         )  # the blocks' own statistics: "converted"; calibrated next (what calibrate=True does)
         converted = acc(student)
         student = reuse.calibrate(student, calib)
         seconds = time.perf_counter() - t0
         choices = "; ".join(_choice(r) for r in rep.runs)
-        row = Row("budget", "reuse", "-", str(budget), cf.count(student), converted, acc(student), None, seconds,
+        method = "reuse" if args.budget_init == "fit" else f"reuse (init={args.budget_init!r})"
+        row = Row("budget", method, "-", str(budget), cf.count(student), converted, acc(student), None, seconds,
                   None, choices)  # fmt: skip
         row.acc_distilled, row.distill_s = _distil(student, teacher, data, args)
         rows.append(row)
