@@ -143,6 +143,14 @@ def test_the_refit_solves_least_squares_on_the_converted_inputs(k: int, d: int, 
     torch.testing.assert_close(lr.uses[0].weight.detach().double(), want, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("sweeps", [0, -1, 1.5, True])
+def test_the_refit_refuses_a_sweep_count_that_is_not_a_positive_int(sweeps: object) -> None:
+    blocks = [nn.Linear(3, 3) for _ in range(2)]
+    lr = reuse.LayerReuse.from_blocks(blocks, shuffle=False)
+    with pytest.raises(ReuseError, match=r"refine_layers: sweeps must be a positive int"):
+        refine_layers(lr.uses, [""], blocks, [torch.randn(4, 3)], sweeps=sweeps)  # type: ignore[arg-type]
+
+
 def test_refitting_identical_blocks_keeps_them_exactly() -> None:
     """Blocks that are one block: on any inputs, the least-squares refit of each (grouped) conv is that conv."""
     torch.manual_seed(0)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from reuse._checks import check_int
 from reuse._data import model_device
 from reuse._tracing import layer_graph
 from reuse.align import (
@@ -211,6 +212,7 @@ def refine_layers(
     targets ``A_i`` and moments ``Ch_i``; the norm after each layer starts again from its block's statistics.
     ``sweeps`` passes over the layers. Layers :func:`fittable` refuses are left alone; returns the paths refitted.
     ``convert(init="refit")`` runs one sweep after :func:`fit_layers`."""
+    sweeps = check_int(sweeps, "sweeps", "refine_layers", about="passes over the layers")
     paths = _in_call_order(blocks[0], [p for p in paths if fittable(blocks[0].get_submodule(p))])
     norms = norm_after(blocks[0], paths)
     for _ in range(sweeps):
