@@ -151,6 +151,26 @@ def test_the_refit_refuses_a_sweep_count_that_is_not_a_positive_int(sweeps: obje
         refine_layers(lr.uses, [""], blocks, [torch.randn(4, 3)], sweeps=sweeps)  # type: ignore[arg-type]
 
 
+def test_the_refit_leaves_each_norm_with_its_inputs_statistics_in_the_converted_chain() -> None:
+    """After the refit, the BatchNorm after a refitted conv holds the per-channel mean and biased variance of what
+    that conv gives in the converted uses (use i fed by uses 0..i-1, eval mode), computed here by running them."""
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()) for _ in range(3)]
+    for b in blocks:
+        randomize(b, seed=len(blocks))
+        b.eval()
+    lr = reuse.LayerReuse.from_blocks(blocks, shuffle=False).eval()
+    xs = [torch.randn(8, 4, 5, 5) for _ in range(2)]
+    assert refine_layers(lr.uses, ["0"], blocks, xs) == ["0"]
+    with torch.no_grad():
+        h = torch.cat(xs)  # (16, 4, 5, 5)
+        for use in lr.uses:
+            y = use[0](h)  # (16, 4, 5, 5): the shared conv's output in this use
+            torch.testing.assert_close(use[1].running_mean, y.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(use[1].running_var, y.var((0, 2, 3), unbiased=False), rtol=1e-4, atol=1e-5)
+            h = use(h)
+
+
 def test_refitting_identical_blocks_keeps_them_exactly() -> None:
     """Blocks that are one block: on any inputs, the least-squares refit of each (grouped) conv is that conv."""
     torch.manual_seed(0)

@@ -108,8 +108,8 @@ def convert(
         init: shared weights from the ``"first"`` block of each run, the ``"mean"`` of its blocks, ``"fit"``:
             fitted in closed form, with each use's delta, to reproduce what every block computed on ``data``
             (see :mod:`reuse.fx.fit`), ``"refit"``: fitted so, then each layer, in the order the block runs them,
-            fitted again on the inputs the converted uses give it (closer before calibration and with deltas,
-            farther at rank 0 after it on the MobileNet of docs/convert.md), or ``"auto"``: per run, whichever of
+            fitted again on the inputs the converted uses give it, each norm re-estimated as it goes (closer on
+            the MobileNet of docs/convert.md, at twice the time), or ``"auto"``: per run, whichever of
             the aligned mean and the fit costs less on ``data``, measured as a budget's options are (the report's
             notes give both costs; a trained network's runs differ: see docs/convert.md). By default ``"fit"`` when
             ``data`` is given, else ``"first"``.

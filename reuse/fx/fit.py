@@ -209,8 +209,10 @@ def refine_layers(
     least-squares map from one to the other is ``A_i = W_i M_i Ch_i^-1`` (``M_i = X_i^T Xh_i``,
     ``Ch_i = Xh_i^T Xh_i``), and ``sum_i |Xh_i (W + D_i)^T - X_i W_i^T|^2`` differs from
     ``sum_i tr((W + D_i - A_i) Ch_i (W + D_i - A_i)^T)`` by a constant, so :func:`fit_shared` solves it with
-    targets ``A_i`` and moments ``Ch_i``; the norm after each layer starts again from its block's statistics.
-    ``sweeps`` passes over the layers. Layers :func:`fittable` refuses are left alone; returns the paths refitted.
+    targets ``A_i`` and moments ``Ch_i``. The norm after each layer starts from its block's statistics and, once
+    the layer is refitted, takes its inputs' statistics in the converted uses (as :func:`reuse.calibrate` would),
+    so that the next layer is refitted on the inputs it will see. ``sweeps`` passes over the layers. Layers
+    :func:`fittable` refuses are left alone; returns the paths refitted.
     ``convert(init="refit")`` runs one sweep after :func:`fit_layers`."""
     sweeps = check_int(sweeps, "sweeps", "refine_layers", about="passes over the layers")
     paths = _in_call_order(blocks[0], [p for p in paths if fittable(blocks[0].get_submodule(p))])
@@ -237,6 +239,8 @@ def refine_layers(
                     norm.running_var.copy_(original.running_var)
             origs = [b.get_submodule(p) for b in blocks]
             fit_shared(shared, deltas, origs, own, after, weights=targets)
+            if after is not None:  # the next layer's inputs as calibration will leave them
+                _reestimate(uses, norms[p], inputs)
     return list(paths)
 
 
@@ -289,6 +293,37 @@ def _paired_moments(
         for m, mode in modes:
             m.training = mode
     return cross, own
+
+
+@torch.no_grad()
+def _reestimate(uses: Sequence[nn.Module], norm: str, inputs: Sequence[Tensor]) -> None:
+    """Give the norm at ``norm`` of each use the mean and (biased) variance per channel of its inputs in the
+    converted uses, in eval mode, use by use (use ``i``'s statistics see the earlier uses' new ones)."""
+    modes = [(m, m.training) for u in uses for m in u.modules()]
+    try:
+        for m, _ in modes:
+            m.training = False
+        for i, use in enumerate(uses):
+            bn = use.get_submodule(norm)
+            sums: list = [0.0, 0.0, 0]
+
+            def grab(_m: nn.Module, args: tuple, sums: list = sums) -> None:
+                h = args[0].transpose(0, 1).reshape(args[0].shape[1], -1).double()  # (C, B*H*W)
+                sums[0], sums[1], sums[2] = sums[0] + h.sum(1), sums[1] + (h**2).sum(1), sums[2] + h.shape[1]
+
+            hook = bn.register_forward_pre_hook(grab)
+            try:
+                for x in inputs:
+                    for u in uses[: i + 1]:
+                        x = u(x)
+            finally:
+                hook.remove()
+            mean = sums[0] / sums[2]
+            bn.running_mean.copy_(mean.to(bn.running_mean))
+            bn.running_var.copy_((sums[1] / sums[2] - mean**2).clamp_min(0).to(bn.running_var))
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 @torch.no_grad()
