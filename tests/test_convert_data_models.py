@@ -49,12 +49,13 @@ def test_a_timm_model_at_rank_0_is_closer_with_the_data_than_without(case: Model
     assert errors["data"] < errors["mean"], errors
 
 
-def test_trained_after_conversion_then_exported_to_onnx(images: torch.Tensor, tmp_path) -> None:
+@pytest.mark.parametrize("init", ["fit", "refit"])
+def test_trained_after_conversion_then_exported_to_onnx(images: torch.Tensor, tmp_path, init: str) -> None:
     """convert(data=) -> a training step -> inference-mode evaluation -> ONNX: the file computes the trained model."""
     pytest.importorskip("onnx", reason="export needs onnx (pip install 'torch-reuse[deploy]')")
     ort = pytest.importorskip("onnxruntime", reason="the check runs the file in onnxruntime")
     model = reuse.calibrate(trained_looking(RESNET18), images)
-    student = reuse.fx.convert(model, data=images, delta_rank=2).train()
+    student = reuse.fx.convert(model, data=images, init=init, delta_rank=2).train()
     before = [p.detach().clone() for p in student.parameters()]
     opt = torch.optim.SGD(student.parameters(), lr=0.05)
     loss = nn.functional.cross_entropy(student(images), torch.arange(len(images)) % 7)
@@ -73,8 +74,14 @@ def test_trained_after_conversion_then_exported_to_onnx(images: torch.Tensor, tm
 
 @pytest.mark.parametrize(
     "options",
-    [dict(delta_rank=2), dict(delta_rank=2, align="activations"), dict(budget=0.6), dict(init="mean", align="weights")],
-    ids=["fit", "activations", "budget", "mean"],
+    [
+        dict(delta_rank=2),
+        dict(delta_rank=2, init="refit"),
+        dict(delta_rank=2, align="activations"),
+        dict(budget=0.6),
+        dict(init="mean", align="weights"),
+    ],
+    ids=["fit", "refit", "activations", "budget", "mean"],
 )
 def test_every_tensor_is_made_on_the_models_device(options: dict, images: torch.Tensor) -> None:
     """With the default device set to ``meta``, a tensor the library makes without naming a device lands there and

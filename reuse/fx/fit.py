@@ -209,8 +209,8 @@ def refine_layers(
     least-squares map from one to the other is ``A_i = W_i M_i Ch_i^-1`` (``M_i = X_i^T Xh_i``,
     ``Ch_i = Xh_i^T Xh_i``), and ``sum_i |Xh_i (W + D_i)^T - X_i W_i^T|^2`` differs from
     ``sum_i tr((W + D_i - A_i) Ch_i (W + D_i - A_i)^T)`` by a constant, so :func:`fit_shared` solves it with
-    targets ``A_i`` and moments ``Ch_i``. The norm after each layer starts from its block's statistics and, once
-    the layer is refitted, takes its inputs' statistics in the converted uses (as :func:`reuse.calibrate` would),
+    targets ``A_i`` and moments ``Ch_i``. Once a layer is refitted, the norm after it (one per use) takes its
+    inputs' statistics in the converted uses (as :func:`reuse.calibrate` would),
     so that the next layer is refitted on the inputs it will see. ``sweeps`` passes over the layers. Layers
     :func:`fittable` refuses are left alone; returns the paths refitted.
     ``convert(init="refit")`` runs one sweep after :func:`fit_layers`."""
@@ -232,11 +232,6 @@ def refine_layers(
             after = [u.get_submodule(norms[p]) for u in uses] if norms.get(p) else None
             if after is not None and len({id(n) for n in after}) < len(after):
                 after = None  # one norm for several uses: fit_shared leaves it alone
-            if after is not None:
-                for norm, block in zip(after, blocks):  # fit_shared scales the block's own statistics
-                    original = block.get_submodule(norms[p])
-                    norm.running_mean.copy_(original.running_mean)
-                    norm.running_var.copy_(original.running_var)
             origs = [b.get_submodule(p) for b in blocks]
             fit_shared(shared, deltas, origs, own, after, weights=targets)
             if after is not None:  # the next layer's inputs as calibration will leave them
@@ -295,35 +290,22 @@ def _paired_moments(
     return cross, own
 
 
-@torch.no_grad()
 def _reestimate(uses: Sequence[nn.Module], norm: str, inputs: Sequence[Tensor]) -> None:
     """Give the norm at ``norm`` of each use the mean and (biased) variance per channel of its inputs in the
     converted uses, in eval mode, use by use (use ``i``'s statistics see the earlier uses' new ones)."""
-    modes = [(m, m.training) for u in uses for m in u.modules()]
-    try:
-        for m, _ in modes:
-            m.training = False
-        for i, use in enumerate(uses):
-            bn = use.get_submodule(norm)
-            sums: list = [0.0, 0.0, 0]
+    for i, use in enumerate(uses):
+        bn = use.get_submodule(norm)
+        sums: list = [0.0, 0.0, 0]
 
-            def grab(_m: nn.Module, args: tuple, sums: list = sums) -> None:
-                h = args[0].transpose(0, 1).reshape(args[0].shape[1], -1).double()  # (C, B*H*W)
-                sums[0], sums[1], sums[2] = sums[0] + h.sum(1), sums[1] + (h**2).sum(1), sums[2] + h.shape[1]
+        def grab(_m: nn.Module, args: tuple, sums: list = sums) -> None:
+            h = args[0].transpose(0, 1).reshape(args[0].shape[1], -1).double()  # (C, B*H*W)
+            sums[0], sums[1], sums[2] = sums[0] + h.sum(1), sums[1] + (h**2).sum(1), sums[2] + h.shape[1]
 
-            hook = bn.register_forward_pre_hook(grab)
-            try:
-                for x in inputs:
-                    for u in uses[: i + 1]:
-                        x = u(x)
-            finally:
-                hook.remove()
-            mean = sums[0] / sums[2]
-            bn.running_mean.copy_(mean.to(bn.running_mean))
-            bn.running_var.copy_((sums[1] / sums[2] - mean**2).clamp_min(0).to(bn.running_var))
-    finally:
-        for m, mode in modes:
-            m.training = mode
+        for _ in _chain(uses[: i + 1], inputs, [bn.register_forward_pre_hook(grab)]):
+            pass
+        mean = sums[0] / sums[2]  # (C,)
+        bn.running_mean.copy_(mean.to(bn.running_mean))
+        bn.running_var.copy_((sums[1] / sums[2] - mean**2).clamp_min(0).to(bn.running_var))
 
 
 @torch.no_grad()
