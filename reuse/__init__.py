@@ -36,6 +36,7 @@ __all__ = [
     "find_runs",
     "optimize_for_inference",
     "calibrate",
+    "refit",
     "Profile",
     "profile",
 ]
@@ -47,6 +48,7 @@ from reuse.kernel import KernelBank, KernelReuseConv2d, kernel_reuse
 from reuse.layer import LayerReuse, is_batchnorm, is_norm, wrap
 from reuse.optimize import optimize_for_inference
 from reuse.profiling import Profile, profile
+from reuse.refitting import refit
 from reuse.shuffle import ChannelShuffle, channel_shuffle, shuffle_permutation
 
 __version__ = "0.1.0"

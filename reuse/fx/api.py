@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Iterable
 from dataclasses import replace
@@ -39,6 +40,7 @@ from reuse.fx.report import ConversionReport, Run
 from reuse.fx.structure import count_params
 from reuse.fx.swap import Applied, apply
 from reuse.kernel import kernel_reuse
+from reuse.refitting import refit_layers
 
 __all__ = ["convert", "find_runs"]
 
@@ -108,8 +110,11 @@ def convert(
         init: shared weights from the ``"first"`` block of each run, the ``"mean"`` of its blocks, ``"fit"``:
             fitted in closed form, with each use's delta, to reproduce what every block computed on ``data``
             (see :mod:`reuse.fx.fit`), ``"refit"``: fitted so, then each layer, in the order the block runs them,
-            fitted again on the inputs the converted uses give it, each norm re-estimated as it goes (closer on
-            the MobileNet of docs/convert.md, at twice the time), or ``"auto"``: per run, whichever of
+            fitted again on the inputs the converted uses give it, each norm re-estimated as it goes, and then
+            every layer outside the runs that follows them (the head, the blocks between runs) fitted to what it
+            computed in ``model``, on the inputs the converted network gives it (:func:`reuse.refit`; running
+            statistics are then re-estimated even with ``calibrate=False``; closer on the MobileNet of
+            docs/convert.md, at twice the time or more), or ``"auto"``: per run, whichever of
             the aligned mean and the fit costs less on ``data``, measured as a budget's options are (the report's
             notes give both costs; a trained network's runs differ: see docs/convert.md). By default ``"fit"`` when
             ``data`` is given, else ``"first"``.
@@ -185,7 +190,11 @@ def convert(
         return _convert_banked(model, opts)
     plan = find(model, opts)  # 2. plan: the runs, read from the model (immutable)
     built, notes = _build(model, plan, opts)  # 3. build: one LayerReuse per run to convert
+    refitting = opts.init == "refit" and opts.batches is not None
+    reference = copy.deepcopy(model) if refitting and opts.inplace else model  # apply changes an inplace model
     applied = apply(model, plan, {i: b.layer for i, b in built.items() if b.layer is not None}, opts)  # 4. apply
+    if refitting:  # 4b. the layers outside the runs, fitted to the inputs the converted runs give them
+        notes += _refit_outside(applied.model, reference, opts)
     return _report(model, plan, built, applied, [*plan.notes, *notes, *applied.notes], opts)  # 5. report
 
 
@@ -226,6 +235,17 @@ def _build(model: nn.Module, plan: Plan, opts: Options) -> tuple[dict[int, Built
     if picked:
         notes.append("init='auto': " + "; ".join(picked))
     return built, notes
+
+
+def _refit_outside(work: nn.Module, reference: nn.Module, opts: Options) -> list[str]:
+    """``init="refit"``, after the runs are swapped in: every layer outside them with a twin in the model handed in
+    (its head, the blocks between runs, runs left as they are) is fitted, in call order, to what its twin
+    computed, on the inputs the converted network gives it (:func:`reuse.refit`)."""
+    done = refit_layers(work, reference, list(opts.batches or ()))
+    if not done:
+        return []
+    shown = ", ".join(done[:6]) + (f", ... ({len(done)} in all)" if len(done) > 6 else "")
+    return [f"init='refit': {len(done)} layer(s) outside the runs refitted to the model's outputs ({shown})"]
 
 
 def _report(
