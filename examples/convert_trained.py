@@ -155,6 +155,12 @@ def _parser() -> argparse.ArgumentParser:
         default="fit",
         help="convert's init for the budgets' conversions (default: %(default)s, convert's default with data)",
     )
+    p.add_argument(
+        "--refit",
+        action="store_true",
+        help="after calibration, both budgets' students go through reuse.refit (their layers that kept their "
+        "size, the head among them, fitted to the teacher's outputs on the calibration images)",
+    )
     p.add_argument("--epochs", type=int, default=1, help="distillation epochs after conversion (default: 1)")
     p.add_argument("--no-pruning", dest="pruning", action="store_false", help="leave Torch-Pruning out")
     p.add_argument("--batch-size", type=int, default=128)
@@ -207,7 +213,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             ("activation-aligned fit + calibrate", dict(data=calib, align="activations"), True),
             ("weight-aligned fit + calibrate (the default with data)", dict(data=calib), True),
             (
-                "weight-aligned fit, refitted on the converted inputs (init='refit') + calibrate",
+                "weight-aligned fit, refitted on the converted inputs, then the layers outside the runs "
+                "(init='refit') + calibrate",
                 dict(data=calib, init="refit"),
                 True,
             ),
@@ -241,9 +248,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         )  # the blocks' own statistics: "converted"; calibrated next (what calibrate=True does)
         converted = acc(student)
         student = reuse.calibrate(student, calib)
+        method = "reuse" if args.budget_init == "fit" else f"reuse (init={args.budget_init!r})"
+        if args.refit:  # every layer outside the tied runs, fitted to the teacher's outputs
+            student, method = reuse.refit(student, teacher, calib), method + " + reuse.refit"
         seconds = time.perf_counter() - t0
         choices = "; ".join(_choice(r) for r in rep.runs)
-        method = "reuse" if args.budget_init == "fit" else f"reuse (init={args.budget_init!r})"
         row = Row("budget", method, "-", str(budget), cf.count(student), converted, acc(student), None, seconds,
                   None, choices)  # fmt: skip
         row.acc_distilled, row.distill_s = _distil(student, teacher, data, args)
@@ -252,10 +261,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         if args.pruning:
             t0 = time.perf_counter()
             pruned = prune_to(teacher, cf.count(student), example)
-            seconds = time.perf_counter() - t0
             converted = acc(pruned)
             pruned = reuse.calibrate(pruned, calib)
-            row = Row("budget", "torch-pruning", "-", str(budget), cf.count(pruned), converted, acc(pruned), None,
+            method = "torch-pruning"
+            if args.refit:  # the layers that kept their size (the head), fitted to the teacher's outputs
+                pruned, method = reuse.refit(pruned, teacher, calib), "torch-pruning + reuse.refit"
+            seconds = time.perf_counter() - t0
+            row = Row("budget", method, "-", str(budget), cf.count(pruned), converted, acc(pruned), None,
                       seconds, None)  # fmt: skip
             row.acc_distilled, row.distill_s = _distil(pruned, teacher, data, args)
             rows.append(row)

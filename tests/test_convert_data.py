@@ -311,3 +311,33 @@ def test_weight_alignment_without_data_and_the_old_defaults() -> None:
     assert next(m for m in plain.modules() if isinstance(m, reuse.LayerReuse)).shuffle is not None  # shuffle stays on
     _, rep = reuse.fx.convert(model, align="weights", init="mean", report=True)
     assert rep.converted[0].aligned == 1 and rep.converted[0].fitted == 0
+
+
+def test_refit_also_fits_the_head_to_the_models_outputs(data: torch.Tensor) -> None:
+    """init="refit" ends by fitting the layers outside the runs (here the head) on what the converted network
+    gives them: the head is the least-squares map (lstsq, with a column of ones for its bias) from its inputs in
+    the converted network to the logits of the model handed in."""
+    model = stack()
+    new, rep = reuse.fx.convert(model, data=data, init="refit", report=True)
+    assert any(n.startswith("init='refit': 1 layer(s) outside the runs refitted") and "(9)" in n for n in rep.notes)
+    seen = {}
+    head = new.get_submodule("9")  # the model's head keeps its name
+    hook = head.register_forward_pre_hook(lambda _m, a: seen.__setitem__("x", a[0].detach().double()))
+    with torch.no_grad():
+        new(data)
+        hook.remove()
+        rows = torch.cat([seen["x"], torch.ones(len(data), 1, dtype=torch.float64)], 1)  # (48, 9)
+        want = torch.linalg.lstsq(rows, model(data).double()).solution.T  # (5, 9)
+    got = torch.cat([head.weight, head.bias[:, None]], 1).double()
+    torch.testing.assert_close(rows @ got.T, rows @ want.T, rtol=1e-3, atol=1e-3)
+    plain = reuse.fx.convert(model, data=data, init="refit", inplace=False)
+    assert torch.equal(plain.get_submodule("9").weight, head.weight)  # deterministic
+
+
+def test_refit_inplace_fits_to_the_model_as_it_was(data: torch.Tensor) -> None:
+    model = stack()
+    want = reuse.fx.convert(model, data=data, init="refit")
+    got = reuse.fx.convert(model, data=data, init="refit", inplace=True)
+    assert got is model
+    with torch.no_grad():
+        torch.testing.assert_close(got(data), want(data))

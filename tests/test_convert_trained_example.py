@@ -23,15 +23,18 @@ def example():
         sys.path.remove(str(ROOT / "examples"))
 
 
-@pytest.mark.parametrize("init", ["fit", "refit"])
-def test_the_example_writes_its_rows_for_a_budget(example, tmp_path: Path, init: str) -> None:
+@pytest.mark.parametrize(
+    ("init", "refit", "method"),
+    [("fit", False, "reuse"), ("refit", False, "reuse (init='refit')"), ("fit", True, "reuse + reuse.refit")],
+)
+def test_the_example_writes_its_rows_for_a_budget(example, tmp_path: Path, init: str, refit: bool, method: str) -> None:
     argv = ["--arch", "mobilenet", "--dataset", "fashion-mnist", "--data-dir", str(SUBSET), "--out", str(tmp_path),
             "--width", "4", "--blocks", "3", "--train-images", "300", "--teacher-epochs", "1",
             "--calibration-images", "64", "--ranks", "0", "--steps", "short", "--budgets", "0.7",
-            "--budget-init", init, "--epochs", "0", "--no-pruning", "--threads", "1"]  # fmt: skip
+            "--budget-init", init, "--epochs", "0", "--no-pruning", "--threads", "1"] + ["--refit"] * refit  # fmt: skip
     rows = example.main(argv)
     budget = [r for r in rows if r["table"] == "budget"]
-    assert [r["method"] for r in budget] == ["reuse" if init == "fit" else "reuse (init='refit')"]
+    assert [r["method"] for r in budget] == [method]
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["rows"] == rows and saved["teacher_params"] > budget[0]["params"]
     assert budget[0]["params"] <= 0.7 * saved["teacher_params"]
