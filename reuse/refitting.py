@@ -169,7 +169,7 @@ def _fit_layer(model: nn.Module, reference: nn.Module, name: str, batches: Seque
     changed = False
     for x in batches:
         xh, yh = _run_to(model, layer, x, "model")
-        xr, y = _run_to(reference, twin, x, "reference")
+        xr, y = (t.to(xh.device) for t in _run_to(reference, twin, x, "reference"))  # the reference may be elsewhere
         if yh.shape != y.shape:
             return False  # the same kind of layer, but another output size here: not a twin
         changed = changed or xh.shape != xr.shape or not torch.equal(xh, xr)
