@@ -49,7 +49,10 @@ def test_full_rank_reconstructs_the_model(case: Model, init: str, train: bool) -
     new.train(train)
     expected = outputs(model, x)
     scale = max(1.0, expected.abs().max().item())  # float32 rounding grows with the outputs (1000 logits near 3)
-    torch.testing.assert_close(outputs(new, x), expected, rtol=1e-4, atol=1e-5 * scale)
+    # In train mode the last BatchNorms normalise over 4 values (batch 4, 1x1 maps): they divide the float32 rounding
+    # of the SVD's reconstruction by a small batch deviation (4.2e-5 on ResNet-18 on an AMD EPYC, 2026-12-06).
+    atol = (1e-4 if train else 1e-5) * scale
+    torch.testing.assert_close(outputs(new, x), expected, rtol=1e-4, atol=atol)
 
 
 @settings(max_examples=12, deadline=None)
