@@ -4,7 +4,8 @@ Once some layers of a trained network change (runs of blocks tied by :func:`reus
 every layer after them receives inputs it was not trained on. Such a layer, with a twin in the original network
 (the same name, kind and output shape), can be fitted in closed form to give what its twin gave: with ``Xh`` the
 rows it multiplies by its weight (im2col rows for a conv) on the calibration data, and ``Y`` its twin's outputs
-there, the least-squares weight is ``A = Y^T Xh (Xh^T Xh)^-1`` (a bias, where the layer has one, fitted with it).
+there, the least-squares weight is ``A = Y^T Xh (Xh^T Xh + l I)^-1`` (a bias, where the layer has one, fitted with
+it; the ridge ``l`` is 1e-5 of the mean diagonal of ``Xh^T Xh``, which keeps it invertible).
 The layers are fitted in the order the network calls them, the running statistics re-estimated before each
 (:func:`reuse.calibrate`), so each layer is fitted on the inputs the layers before it, as fitted, give it. A layer
 whose inputs are those of its twin keeps its weights. No gradient step is taken.
