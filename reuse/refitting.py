@@ -25,9 +25,9 @@ from reuse._data import CalibrationData, model_device, take_batches
 from reuse._errors import ReuseError
 from reuse.calibration import reestimate, running_stat_modules
 
-__all__ = ["refit", "refit_layers", "twins"]
+__all__ = ["layer_rows", "refit", "refit_layers", "ridged", "twins"]
 
-_RIDGE = 1e-5  # of the mean eigenvalue of Xh^T Xh: keeps it invertible where the data span too little
+_RIDGE = 1e-5  # of the mean eigenvalue of a second moment: keeps it invertible where the data span too little
 
 
 class _Stop(Exception):
@@ -174,7 +174,7 @@ def _fit_layer(model: nn.Module, reference: nn.Module, name: str, batches: Seque
         if yh.shape != y.shape:
             return False  # the same kind of layer, but another output size here: not a twin
         changed = changed or xh.shape != xr.shape or not torch.equal(xh, xr)
-        rows = _rows(layer, xh)  # (g, samples, D)
+        rows = layer_rows(layer, xh)  # (g, samples, D)
         if bias:
             rows = torch.cat([rows, rows.new_ones(*rows.shape[:2], 1)], -1)  # (g, samples, D + 1)
         target = _out_rows(layer, y)  # (g, samples, out/g)
@@ -182,10 +182,7 @@ def _fit_layer(model: nn.Module, reference: nn.Module, name: str, batches: Seque
         own = own + rows.transpose(1, 2) @ rows
     if not changed:
         return False
-    d = own.shape[-1]
-    ridge = _RIDGE * torch.diagonal(own, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)  # (g,)
-    own = own + ridge[:, None, None] * torch.eye(d, dtype=own.dtype, device=own.device)
-    a = torch.linalg.solve(own, cross.transpose(1, 2)).transpose(1, 2)  # (g, out/g, D): Y^T Xh (Xh^T Xh)^-1
+    a = torch.linalg.solve(ridged(own), cross.transpose(1, 2)).transpose(1, 2)  # (g, out/g, D): Y^T Xh (Xh^T Xh)^-1
     if bias:
         layer.bias.copy_(a[..., -1].reshape(layer.bias.shape).to(layer.bias))
         a = a[..., :-1]
@@ -227,8 +224,15 @@ def _run(net: nn.Module, x: Tensor, who: str) -> None:
             m.training = mode
 
 
-def _rows(layer: nn.Module, x: Tensor) -> Tensor:
-    """The rows ``layer`` multiplies by its weight, per group, in float64: ``(g, samples, D)``."""
+def ridged(c: Tensor) -> Tensor:
+    """``c + l I`` per group, ``l`` 1e-5 of the mean diagonal of ``c`` (second moments ``(g, D, D)``)."""
+    scale = torch.diagonal(c, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)  # (g,)
+    return c + _RIDGE * scale[:, None, None] * torch.eye(c.shape[-1], dtype=c.dtype, device=c.device)
+
+
+def layer_rows(layer: nn.Module, x: Tensor) -> Tensor:
+    """The rows ``layer`` (``nn.Linear`` or ``nn.Conv2d``) multiplies by its weight, per group, in float64:
+    ``(g, samples, D)``."""
     if isinstance(layer, nn.Linear):
         return x.reshape(1, -1, x.shape[-1]).double()  # (1, samples, in)
     cols = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)  # (B, C*kh*kw, L)

@@ -20,7 +20,6 @@ import copy
 from collections.abc import Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reuse._checks import check_int
@@ -36,6 +35,7 @@ from reuse.align import (
 )
 from reuse.delta import LowRank
 from reuse.layer import is_batchnorm
+from reuse.refitting import layer_rows, ridged
 
 __all__ = [
     "ALIGNS",
@@ -51,7 +51,6 @@ __all__ = [
 
 ALIGNS = ("weights", "activations")
 _ROUNDS = 4  # alternations of the shared weight and the deltas
-_RIDGE = 1e-5  # of the mean eigenvalue: keeps C invertible where the calibration data span too little
 
 
 @torch.no_grad()
@@ -225,7 +224,7 @@ def refine_layers(
             targets = []
             for w, m, c in zip(ws, cross, own):
                 w = w.reshape(g, -1, c.shape[-1])  # (g, rows, D)
-                targets.append(torch.linalg.solve(_ridged(c), (w @ m).transpose(1, 2)).transpose(1, 2))  # W M Ch^-1
+                targets.append(torch.linalg.solve(ridged(c), (w @ m).transpose(1, 2)).transpose(1, 2))  # W M Ch^-1
             views = [u.get_submodule(p) for u in uses]
             deltas = [v if isinstance(v, LowRank) else None for v in views]
             shared = deltas[0].base if deltas[0] is not None else views[0]
@@ -265,7 +264,7 @@ def _paired_moments(
             target = owner.get_submodule(path)  # the uses may share one module: hook it once
             if id(target) not in hooked:
                 hooked.add(id(target))
-                grab = lambda _m, args, side=side: seen[side].append(_layer_rows(layer, args[0]))  # noqa: E731
+                grab = lambda _m, args, side=side: seen[side].append(layer_rows(layer, args[0]))  # noqa: E731
                 hooks.append(target.register_forward_pre_hook(grab))
     cross: list = [0.0] * k
     own: list = [0.0] * k
@@ -319,7 +318,7 @@ def _input_moments(blocks: Sequence[nn.Module], paths: Sequence[str], inputs: Se
             layer = block.get_submodule(p)
 
             def grab(m: nn.Module, args: tuple, i: int = i, p: str = p) -> None:
-                rows = _layer_rows(m, args[0])  # (g, samples, D)
+                rows = layer_rows(m, args[0])  # (g, samples, D)
                 out[p][i] = out[p][i] + rows.transpose(1, 2) @ rows  # (g, D, D)
 
             hooks.append(layer.register_forward_pre_hook(grab))
@@ -347,16 +346,6 @@ def _chain(blocks: Sequence[nn.Module], inputs: Sequence[Tensor], hooks: list) -
             m.training = mode
 
 
-def _layer_rows(layer: nn.Module, x: Tensor) -> Tensor:
-    """The rows a layer multiplies by its weight, per group, in float64: ``(g, samples, D)``."""
-    if isinstance(layer, nn.Linear):
-        return x.reshape(1, -1, x.shape[-1]).double()  # (1, samples, in)
-    cols = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)  # (B, C*kh*kw, L)
-    g = layer.groups
-    cols = cols.reshape(x.shape[0], g, -1, cols.shape[-1])  # (B, g, C/g*kh*kw, L)
-    return cols.permute(1, 0, 3, 2).reshape(g, -1, cols.shape[2]).double()  # (g, B*L, D)
-
-
 @torch.no_grad()
 def fit_shared(
     shared: nn.Module,
@@ -375,7 +364,7 @@ def fit_shared(
     if weights is None:
         weights = [t.weight.detach() for t in targets]
     ws = [w.double().reshape(g, -1, covs[0].shape[-1]) for w in weights]  # k x (g, rows, D)
-    covs = [_ridged(c) for c in covs]
+    covs = [ridged(c) for c in covs]
     scales = [w.new_ones(w.shape[0] * w.shape[1]) for w in ws]  # (O,) per block
     if norms is not None and len({id(n) for n in norms}) < len(norms):
         norms = None  # one norm for several uses: its statistics cannot follow each use's scale
@@ -407,12 +396,6 @@ def fit_shared(
             scale = scale.to(norm.running_mean)
             norm.running_mean.div_(scale)
             norm.running_var.div_(scale**2)
-
-
-def _ridged(c: Tensor) -> Tensor:
-    d = c.shape[-1]
-    scale = torch.diagonal(c, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)  # (g,)
-    return c + _RIDGE * scale[:, None, None] * torch.eye(d, dtype=c.dtype, device=c.device)
 
 
 def weighted_low_rank(diff: Tensor, cov: Tensor, rank: int) -> Tensor:
