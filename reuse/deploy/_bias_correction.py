@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from reuse.deploy._common import ort_session
 
 
-def rounded_weight(weight: Any, per_channel: bool) -> Any:
-    """``weight`` after symmetric int8 rounding as onnxruntime's quantizer does it (scale ``max|w| / 127``, per
-    output channel or for the whole tensor), back in float64.
+def rounded_weight(weight: Any, per_channel: bool, levels: int = 127) -> Any:
+    """``weight`` after symmetric int8 rounding as onnxruntime's quantizer does it (scale ``max|w| / levels``, per
+    output channel or for the whole tensor; ``levels`` 127, or 64 for 7-bit weights), back in float64.
 
     Example:
         >>> import numpy as np
@@ -38,17 +38,24 @@ def rounded_weight(weight: Any, per_channel: bool) -> Any:
         peak = np.abs(w).reshape(len(w), -1).max(1).reshape(-1, *[1] * (w.ndim - 1))  # (C_out, 1, ...)
     else:
         peak = np.abs(w).max()
-    scale = np.where(peak > 0, peak / 127.0, 1.0)
-    return np.clip(np.round(w / scale), -127, 127) * scale
+    scale = np.where(peak > 0, peak / levels, 1.0)
+    return np.clip(np.round(w / scale), -levels, levels) * scale
 
 
 def correct_bias(
-    model_proto: Any, batches: list[Any], *, per_channel: bool, exclude: Collection[str] = (), uses: list[Any] = ()
+    model_proto: Any,
+    batches: list[Any],
+    *,
+    per_channel: bool,
+    exclude: Collection[str] = (),
+    uses: list[Any] = (),
+    levels: int = 127,
 ) -> int:
     """In place: every 2-D Conv with a stored weight (and its own bias, or none) has the mean output shift of
     its weight's int8 rounding on ``batches`` taken out of its bias; ``uses`` (from ``fold_uses``) keep their
-    ``bias`` in step. Left alone: nodes named in ``exclude`` (they stay in float), convs whose bias other nodes
-    read too (no one correction fits both), and ``auto_pad="SAME_*"`` convs. Returns the convs corrected."""
+    ``bias`` in step; ``levels``: the weights' int8 range, ``[-levels, levels]``. Left alone: nodes named in
+    ``exclude`` (they stay in float), convs whose bias other nodes read too (no one correction fits both), and
+    ``auto_pad="SAME_*"`` convs. Returns the convs corrected."""
     numpy_helper = importlib.import_module("onnx.numpy_helper")
     graph = model_proto.graph
     init = {t.name: t for t in graph.initializer}
@@ -72,7 +79,7 @@ def correct_bias(
     by_conv = {u.conv: u for u in uses}
     for index, node in enumerate(convs):
         weight = numpy_helper.to_array(init[node.input[1]])  # (C_out, C_in/g, kh, kw)
-        error = torch.from_numpy(rounded_weight(weight, per_channel) - weight.astype("float64"))
+        error = torch.from_numpy(rounded_weight(weight, per_channel, levels) - weight.astype("float64"))
         shift = _mean_output(means[node.input[0]], error, node).numpy()  # (C_out,)
         if len(node.input) < 3 or not node.input[2]:
             name = f"{node.name or f'conv{index}'}.bias_corrected"

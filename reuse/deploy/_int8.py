@@ -19,6 +19,7 @@ from reuse._errors import ReuseError
 from reuse.deploy._bias_correction import correct_bias
 from reuse.deploy._calibration import calibration_batches, coverage
 from reuse.deploy._common import FORM_KEY, atomic_write, ort_session, require
+from reuse.deploy._cpu import saturating_int8
 from reuse.deploy._float_output import float_outputs
 from reuse.deploy._graph import short_constant_names, store_once, stored_tensors
 from reuse.deploy._int8_graph import center_ranges, fold_uses, share_int8
@@ -40,6 +41,7 @@ def quantize_onnx(
     compact: bool = True,
     exclude: Iterable[str] = (),
     input_range: tuple[float, float] | None = None,
+    reduce_range: bool | str = "auto",
 ) -> DeployReport:
     """Post-training static int8 quantization of a file from :func:`export_onnx`, every shared weight stored once.
 
@@ -74,6 +76,14 @@ def quantize_onnx(
     7. ``compact``: each use's scales and bias are stored as float16 and turned into the QDQ constants by a
        few ``Cast``/``Mul``/``Div``/``Round`` nodes that onnxruntime folds when it loads the file.
 
+    ``reduce_range``: weights of 7 bits (``[-64, 64]``) instead of 8 (``[-127, 127]``). onnxruntime's
+    uint8 x int8 kernels on x86 CPUs without VNNI (AVX2 only: AMD Zen 1-3, Intel before Cascade Lake) add pairs
+    of products in int16 and saturate with 8-bit weights: measured on an AMD EPYC (Zen 3) VM, onnxruntime 1.32,
+    a synthetic 4-LruNet classifier's int8 file agreed with fp32 on 15.5% of inputs with 8-bit weights and on
+    ... (see docs/deployment.md) with 7-bit ones. ``"auto"`` (the default) takes 7 bits where THIS machine is
+    such a CPU (:func:`reuse.deploy._cpu.saturating_int8`); a file quantized on a VNNI or ARM machine for an
+    AVX2-only target wants ``reduce_range=True``. The report's notes say which.
+
     With ``per_channel=False`` the uses cannot share int8 values (a per-tensor scale cannot absorb a
     per-channel BatchNorm); each keeps its own, and the report says so.
 
@@ -92,6 +102,8 @@ def quantize_onnx(
             parameter bytes on 10-LruNet); ``False`` keeps plain float32 scales and int32 biases, for runtimes
             that want the QDQ constants stored.
         exclude: node names (as in ``src``) to leave in float.
+        reduce_range: ``True`` (7-bit weights), ``False`` (8-bit), or ``"auto"``: 7 bits on an x86 CPU
+            without VNNI, where onnxruntime's int8 kernels would saturate.
         input_range: the inputs' range in training (``(0, 1)`` for ``ToTensor()`` images): calibration values
             outside it (by more than 1% of its span) are an error. Without it, calibration made only of whole
             numbers above 1 (raw 0-255 pixels) is an error; pass ``input_range=(0, 255)`` for a model trained so.
@@ -128,6 +140,12 @@ def quantize_onnx(
     if center not in (True, False, "auto"):
         raise ReuseError(f"quantize_onnx: center must be True, False or 'auto', got {center!r}")
     check_bool(bias_correction, "bias_correction", "quantize_onnx")
+    if not (isinstance(reduce_range, bool) or reduce_range == "auto"):
+        raise ReuseError(
+            f"quantize_onnx: reduce_range must be True, False or 'auto', got {reduce_range!r}; True gives 7-bit "
+            "weights, for x86 CPUs without VNNI"
+        )
+    seven = saturating_int8() if reduce_range == "auto" else bool(reduce_range)
     proto = onnx.load(str(src))
     if any(entry.key == FORM_KEY for entry in proto.metadata_props):
         warnings.warn(
@@ -152,6 +170,7 @@ def quantize_onnx(
         bias_correction=bias_correction,
         compact=compact,
         exclude=exclude,
+        levels=64 if seven else 127,
     )
     tried = []
     for centre in (True, False) if center == "auto" else (bool(center),):
@@ -185,6 +204,7 @@ def _quantize_once(
     bias_correction: bool,
     compact: bool,
     exclude: Iterable[str],
+    levels: int,
 ) -> tuple[bytes, Any, list[str]]:
     """Steps 1 to 6 of :func:`quantize_onnx` on a copy of ``source``: the int8 bytes, their proto and notes."""
     onnx = importlib.import_module("onnx")
@@ -197,7 +217,7 @@ def _quantize_once(
     exclude = list(exclude)
     corrected = 0
     if bias_correction:
-        corrected = correct_bias(proto, batches, per_channel=per_channel, exclude=exclude, uses=uses)
+        corrected = correct_bias(proto, batches, per_channel=per_channel, exclude=exclude, uses=uses, levels=levels)
     input_name = proto.graph.input[0].name
     calibrate = {
         "minmax": quantization.CalibrationMethod.MinMax,
@@ -217,13 +237,14 @@ def _quantize_once(
                 activation_type=quantization.QuantType.QUInt8,
                 weight_type=quantization.QuantType.QInt8,
                 per_channel=per_channel,
+                reduce_range=levels < 127,
                 calibrate_method=calibrate,
                 nodes_to_exclude=exclude,
                 extra_options={"WeightSymmetric": True, "ActivationSymmetric": False, "CalibPercentile": percentile},
             )
         qproto = onnx.load(str(out))
     in_float = float_outputs(qproto)
-    shared_uses, own = share_int8(qproto, uses, shared, compact)
+    shared_uses, own = share_int8(qproto, uses, shared, compact, levels)
     store_once(qproto)
     short_constant_names(qproto.graph, keep=lambda name: name.endswith(".int8") or name in shared)
     notes = [f"{shared_uses} uses read a shared int8 weight" + (f", {own} keep their own" if own else "")]
@@ -231,6 +252,11 @@ def _quantize_once(
     notes.append(
         f"calibration: {how}, {sum(len(b) for b in batches)} inputs; {centred} conv pairs centred; "
         f"{corrected} conv biases corrected for weight rounding; outputs in float ({in_float} QDQ pairs removed)"
+    )
+    notes.append(
+        "weights of 7 bits, in [-64, 64] (reduce_range: onnxruntime's int8 kernels on x86 without VNNI saturate with 8)"
+        if levels < 127
+        else "weights of 8 bits, in [-127, 127]"
     )
     if not per_channel:
         notes.append("per_channel=False: the uses of a shared weight cannot share int8 values, each has its own")

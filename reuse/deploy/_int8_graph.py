@@ -168,10 +168,13 @@ def _other_input(node: Any, producer: Any) -> str:
     return next(n for n in node.input if n != producer.output[0])
 
 
-def share_int8(model_proto: Any, uses: list[_Use], shared_weights: dict[str, Any], compact: bool) -> tuple[int, int]:
+def share_int8(
+    model_proto: Any, uses: list[_Use], shared_weights: dict[str, Any], compact: bool, levels: int = 127
+) -> tuple[int, int]:
     """In place, on the quantized model: every folded use reads ONE int8 tensor per shared weight.
 
-    Symmetric per-channel quantization of ``w * s`` has the int8 values of ``w`` (scale ``max|w_c|/127``),
+    Symmetric per-channel quantization of ``w * s`` has the int8 values of ``w`` (scale ``max|w_c|/levels``,
+    values in ``[-levels, levels]``: 127, or 64 for 7-bit weights),
     up to the sign of ``s_c``, with the scale times ``s_c``. So each use's weight becomes
     ``DequantizeLinear(q_shared, delta * s_i)`` and its int32 bias is requantized to the new scale.
     Returns (uses shared, uses left with int8 weights of their own)."""
@@ -194,9 +197,9 @@ def share_int8(model_proto: Any, uses: list[_Use], shared_weights: dict[str, Any
             continue
         w = shared_weights[use.shared].astype("float64")  # (C, ...)
         if use.shared not in shared_q:
-            delta = np.abs(w).reshape(w.shape[0], -1).max(1) / 127.0  # (C,)
+            delta = np.abs(w).reshape(w.shape[0], -1).max(1) / levels  # (C,)
             delta[delta == 0] = 1.0
-            q = np.clip(np.round(w / delta.reshape(-1, *[1] * (w.ndim - 1))), -127, 127).astype("int8")
+            q = np.clip(np.round(w / delta.reshape(-1, *[1] * (w.ndim - 1))), -levels, levels).astype("int8")
             qname, zname = f"{use.shared}.int8", f"{use.shared}.int8_zero_point"
             graph.initializer.extend(
                 [numpy_helper.from_array(q, qname), numpy_helper.from_array(np.zeros(w.shape[0], "int8"), zname)]
