@@ -3,6 +3,7 @@
     python examples/deploy_lrunet.py                                  # both released checkpoints, ../shared
     python examples/deploy_lrunet.py --checkpoint path/to/fashionmnist-lru10-ckpt-09346.t7 --data-dir DIR
     python examples/deploy_lrunet.py --no-compile --out /tmp/deploy   # skip torch.compile (about 1 min a shape)
+    python examples/deploy_lrunet.py --weight-bits 7                  # int8 for an x86 CPU without VNNI
 
 For each checkpoint: export with ``reuse.deploy.export_onnx`` (every shared weight stored once; each LRU use in
 its fp32 form), export again with ``for_quantization=True`` and quantize that file to int8 with
@@ -100,7 +101,9 @@ def race(fns: dict[str, Callable[[], object]], rounds: int, calls: int) -> dict[
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def deploy_one(checkpoint: Path, data_dir: Path, out: Path, compile_: bool, rounds: int) -> list[dict]:
+def deploy_one(
+    checkpoint: Path, data_dir: Path, out: Path, compile_: bool, rounds: int, reduce_range: bool | str = "auto"
+) -> list[dict]:
     model = load_official(checkpoint).eval()
     x_train, _ = load_split(data_dir, "train")
     x_test, y_test = load_split(data_dir, "test")
@@ -111,7 +114,9 @@ def deploy_one(checkpoint: Path, data_dir: Path, out: Path, compile_: bool, roun
         model, out / f"{stem}.for-int8.onnx", torch.from_numpy(x_test[:1]), for_quantization=True
     )
     batches = [calibration[i : i + 64] for i in range(0, 512, 64)]
-    int8 = reuse.deploy.quantize_onnx(to_quantize.path, out / f"{stem}.int8.onnx", batches, input_range=(0, 1))
+    int8 = reuse.deploy.quantize_onnx(
+        to_quantize.path, out / f"{stem}.int8.onnx", batches, input_range=(0, 1), reduce_range=reduce_range
+    )
     print(fp32, int8, sep="\n", flush=True)
 
     params = 4 * sum(p.numel() for p in model.parameters())
@@ -177,7 +182,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "--threads", type=int, default=torch.get_num_threads(), help="threads for torch and onnxruntime alike"
     )
     parser.add_argument("--rounds", type=int, default=5, help="timing rounds (median over all calls)")
+    parser.add_argument(
+        "--weight-bits",
+        choices=("auto", "7", "8"),
+        default="auto",
+        help="int8 weights of 7 bits (for x86 CPUs without VNNI, where 8 saturate onnxruntime's kernels) or 8; "
+        "auto: 7 on such a CPU (default)",
+    )
     args = parser.parse_args(argv)
+    reduce_range = {"auto": "auto", "7": True, "8": False}[args.weight_bits]
     torch.set_num_threads(args.threads)
     checkpoints = args.checkpoint or [SHARED / "pretrained" / "lrunet-official" / c for c in CHECKPOINTS]
     for c in checkpoints:
@@ -186,7 +199,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for c in checkpoints:
-        rows += deploy_one(c, args.data_dir, args.out, not args.no_compile, args.rounds)
+        rows += deploy_one(c, args.data_dir, args.out, not args.no_compile, args.rounds, reduce_range)
     print(f"\n{torch.get_num_threads()} threads, torch {torch.__version__}")
     print(table(rows))
     return rows

@@ -689,3 +689,22 @@ def test_int8_of_a_converted_resnet_keeps_its_linear_head_in_float(tmp_path: Pat
     with torch.no_grad():
         expected = model(x).numpy()
     np.testing.assert_allclose(ort_run(tmp_path / "int8.onnx", x), expected, atol=0.1 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize(("flag", "expected"), [("auto", "auto"), ("7", True), ("8", False)])
+def test_deploy_example_passes_its_weight_bits_to_quantize_onnx(
+    flag: str, expected: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``examples/deploy_lrunet.py --weight-bits`` reaches ``quantize_onnx(reduce_range=...)``."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    try:
+        import deploy_lrunet
+    finally:
+        sys.path.pop(0)
+    seen = []
+    monkeypatch.setattr(deploy_lrunet, "deploy_one", lambda *args: seen.append(args[-1]) or [])
+    monkeypatch.setattr(deploy_lrunet, "table", lambda rows: "")
+    checkpoint = tmp_path / "fashionmnist-lru1.t7"
+    checkpoint.touch()
+    deploy_lrunet.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path), "--weight-bits", flag])
+    assert seen == [expected]
