@@ -46,3 +46,30 @@ def test_the_example_refuses_an_unknown_init_in_one_line(example, capsys: pytest
     with pytest.raises(SystemExit) as err:
         example.main(["--budget-init", "median"])
     assert err.value.code == 2 and "invalid choice: 'median'" in capsys.readouterr().err
+
+
+def test_the_distillation_takes_its_own_batch_size(example, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--distil-batch-size`` sets the distillation's batches (the teacher keeps ``--batch-size``); results.md
+    states it."""
+    calls = []
+    train = example.cf.train
+
+    def recording(model, data, epochs, lr, batch, seed, teacher=None):
+        calls.append((batch, teacher is not None))
+        return train(model, data, epochs, lr, batch, seed, teacher=teacher)
+
+    monkeypatch.setattr(example.cf, "train", recording)
+    argv = ["--arch", "mobilenet", "--dataset", "fashion-mnist", "--data-dir", str(SUBSET), "--out", str(tmp_path),
+            "--width", "4", "--blocks", "3", "--train-images", "100", "--teacher-epochs", "1",
+            "--calibration-images", "32", "--ranks", "none", "--budgets", "0.7", "--epochs", "1",
+            "--batch-size", "50", "--distil-batch-size", "20", "--no-pruning", "--threads", "1"]  # fmt: skip
+    rows = example.main(argv)
+    assert calls == [(50, False), (20, True)]
+    assert rows[0]["acc_distilled"] is not None
+    assert "batch 20, peak lr 0.01" in (tmp_path / "results.md").read_text()
+
+
+def test_the_example_refuses_a_distillation_batch_below_one(example, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as err:
+        example.main(["--distil-batch-size", "0"])
+    assert err.value.code == 2 and "--distil-batch-size: must be 1 or more, got 0" in capsys.readouterr().err
