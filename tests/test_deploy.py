@@ -26,8 +26,12 @@ ort = pytest.importorskip("onnxruntime", reason="the checks run the files in onn
 pytest.importorskip("onnxruntime.quantization", reason="quantize_onnx needs onnxruntime's quantization tools")
 
 
-def ort_run(path: str | Path, x: torch.Tensor) -> np.ndarray:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+def ort_run(path: str | Path, x: torch.Tensor, level: object = None) -> np.ndarray:
+    """The file's first output on ``x`` in onnxruntime; ``level``: its graph optimizations (default: all)."""
+    options = ort.SessionOptions()
+    if level is not None:
+        options.graph_optimization_level = level
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
 
 
@@ -406,13 +410,6 @@ REDUCED = (
 )
 
 
-def _outputs_at(path: Path, x: torch.Tensor, level: object) -> np.ndarray:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = level
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
-
-
 def test_int8_seven_bit_weights_give_the_same_outputs_in_the_fused_int8_kernels(
     classifier_int8: tuple, tmp_path: Path
 ) -> None:
@@ -427,8 +424,8 @@ def test_int8_seven_bit_weights_give_the_same_outputs_in_the_fused_int8_kernels(
     report = reuse.deploy.quantize_onnx(fp32, tmp_path / "q7.onnx", list(images.split(16)), reduce_range=True)
     assert REDUCED in report.notes
     x, _ = brightness_images(200, torch.Generator().manual_seed(5))
-    reference = _outputs_at(tmp_path / "q7.onnx", x, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)  # (200, 10)
-    fused = _outputs_at(tmp_path / "q7.onnx", x, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)  # (200, 10)
+    reference = ort_run(tmp_path / "q7.onnx", x, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)  # (200, 10)
+    fused = ort_run(tmp_path / "q7.onnx", x, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)  # (200, 10)
     assert (fused.argmax(1) == reference.argmax(1)).mean() >= 0.97
     assert np.abs(fused - reference).max() <= 0.05 * np.abs(reference).max()
     with torch.no_grad():

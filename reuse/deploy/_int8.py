@@ -80,7 +80,7 @@ def quantize_onnx(
     uint8 x int8 kernels on x86 CPUs without VNNI (AVX2 only: AMD Zen 1-3, Intel before Cascade Lake) add pairs
     of products in int16 and saturate with 8-bit weights: measured on an AMD EPYC (Zen 3) VM, onnxruntime 1.32,
     a synthetic 4-LruNet classifier's int8 file agreed with fp32 on 15.5% of inputs with 8-bit weights and on
-    ... (see docs/deployment.md) with 7-bit ones. ``"auto"`` (the default) takes 7 bits where THIS machine is
+    99% with 7-bit ones (docs/deployment.md). ``"auto"`` (the default) takes 7 bits where THIS machine is
     such a CPU (:func:`reuse.deploy._cpu.saturating_int8`); a file quantized on a VNNI or ARM machine for an
     AVX2-only target wants ``reduce_range=True``. The report's notes say which.
 
