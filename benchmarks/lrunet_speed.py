@@ -16,6 +16,8 @@ Models (N-LruNet-1x, CIFAR input 3x32x32, 10 classes), all holding the same weig
   (each use's BatchNorm folded into its own convs, weights channels_last), eager.
 - ``library+compile``: the same optimized model under ``torch.compile`` with inductor's freezing (inference
   only; compile time reported apart).
+- ``library save_memory=False``: ``LruNet(save_memory=False)``, whose blocks keep their repeated channels for
+  backward instead of gathering them again (training only).
 - ``library+ckpt``: ``LruNet`` with per-use activation checkpointing (training only, for the largest N).
 
 Measured: a training step (forward, cross-entropy, backward, SGD with momentum) and an inference forward at
@@ -54,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from paper_lrunet import naive_from, unrolled_from  # noqa: E402
 
 import reuse  # noqa: E402
-from reuse.models import LruNet  # noqa: E402
+from reuse.models import LruBlock, LruNet  # noqa: E402
 
 # --- glibc's allocator ---------------------------------------------------------------------------------------
 
@@ -268,6 +270,7 @@ def models_for(lib: LruNet, ckpt: bool) -> dict[str, Callable[[], nn.Module]]:
         "naive": lambda: naive_from(lib),
         "unrolled": lambda: unrolled_from(lib),
         "library": lambda: copy.deepcopy(lib),
+        "library save_memory=False": lambda: keeping_repeated(lib),
     }
     if ckpt:
 
@@ -279,6 +282,15 @@ def models_for(lib: LruNet, ckpt: bool) -> dict[str, Callable[[], nn.Module]]:
 
         made["library+ckpt"] = checkpointed
     return made
+
+
+def keeping_repeated(lib: LruNet) -> LruNet:
+    """A copy of ``lib`` whose blocks keep their repeated channels for backward (``LruBlock(save_memory=False)``)."""
+    model = copy.deepcopy(lib)
+    for block in model.modules():
+        if isinstance(block, LruBlock):
+            block.save_memory = False
+    return model
 
 
 def inference_models(lib: LruNet) -> dict[str, Callable[[], nn.Module]]:

@@ -148,3 +148,52 @@ def test_backward_keeps_the_input_not_the_repeated_channels() -> None:
         h.add_(1.0)  # the input backward needs is changed under its feet
     with pytest.raises(RuntimeError, match="modified in place after the forward"):
         out.sum().backward()
+
+
+@pytest.mark.parametrize("save_memory", [True, False])
+def test_save_memory_changes_what_backward_keeps_not_the_numbers(save_memory: bool) -> None:
+    torch.manual_seed(0)
+    reference = randomize(LruNet(num_classes=10, reuse=3, drop_rate=0.0)).train()
+    model = LruNet(num_classes=10, reuse=3, drop_rate=0.0, save_memory=save_memory).train()
+    model.load_state_dict(reference.state_dict())
+    assert all(b.save_memory is save_memory for b in model.modules() if isinstance(b, LruBlock))
+    x = torch.randn(2, 3, 32, 32)
+    out, expected = model(x), reference(x)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, msg=name)
+
+
+def test_save_memory_false_keeps_the_repeated_channels_for_backward() -> None:
+    """The mirror of the test above: with ``save_memory=False`` the 2F repeated channels outlive the forward."""
+    import reuse.models.lrunet as lrunet
+
+    block = LruBlock(16, save_memory=False).train()
+    storages = []
+
+    def spy(*args: object) -> tuple[torch.Tensor, torch.Tensor]:
+        repeated, shuffled = repeat_gather(*args)  # type: ignore[arg-type]
+        storages.append(repeated.untyped_storage()._weak_ref())
+        return repeated, shuffled
+
+    original = lrunet.repeat_gather
+    lrunet.repeat_gather = spy
+    try:
+        out = block(torch.randn(2, 16, 4, 4, requires_grad=True))
+    finally:
+        lrunet.repeat_gather = original
+    assert not torch.UntypedStorage._expired(storages[0]), "the repeated input was freed: backward would gather again"
+    out.sum().backward()
+
+
+def test_save_memory_options_are_checked_and_old_blocks_default_to_it() -> None:
+    with pytest.raises(reuse.ReuseError, match="save_memory"):
+        LruBlock(16, save_memory=1)  # type: ignore[arg-type]
+    with pytest.raises(reuse.ReuseError, match="save_memory"):
+        LruNet(save_memory="no")  # type: ignore[arg-type]
+    block = LruBlock(16)
+    del block.save_memory  # as a block pickled before the option existed
+    assert block.save_memory is True
+    block.train()(torch.randn(2, 16, 4, 4, requires_grad=True)).sum().backward()
