@@ -120,12 +120,10 @@ def test_fx_trace_keeps_the_modules_and_the_gather_as_one_node() -> None:
     assert sum(n.target is repeat_gather for n in gm.graph.nodes) == 1
 
 
-def test_backward_keeps_the_input_not_the_repeated_channels() -> None:
-    """The 2F repeated channels are freed after the forward (backward gathers them again from the input)."""
+def _forward_watching_the_repeat(block: LruBlock, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """``block(x)``, and whether the storage of the block's 2F repeated channels is still alive after it."""
     import reuse.models.lrunet as lrunet
 
-    block = LruBlock(16).train()
-    x = torch.randn(2, 16, 4, 4, requires_grad=True)
     storages = []
 
     def spy(*args: object) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,7 +137,14 @@ def test_backward_keeps_the_input_not_the_repeated_channels() -> None:
         out = block(x)
     finally:
         lrunet.repeat_gather = original
-    assert torch.UntypedStorage._expired(storages[0]), "the repeated input is still alive after the forward"
+    return out, not torch.UntypedStorage._expired(storages[0])
+
+
+def test_backward_keeps_the_input_not_the_repeated_channels() -> None:
+    """The 2F repeated channels are freed after the forward (backward gathers them again from the input)."""
+    block = LruBlock(16).train()
+    out, alive = _forward_watching_the_repeat(block, torch.randn(2, 16, 4, 4, requires_grad=True))
+    assert not alive, "the repeated input is still alive after the forward"
     out.sum().backward()  # and backward still works (it gathers again)
 
     h = torch.randn(2, 16, 4, 4, requires_grad=True) * 1.0
@@ -168,23 +173,9 @@ def test_save_memory_changes_what_backward_keeps_not_the_numbers(save_memory: bo
 
 def test_save_memory_false_keeps_the_repeated_channels_for_backward() -> None:
     """The mirror of the test above: with ``save_memory=False`` the 2F repeated channels outlive the forward."""
-    import reuse.models.lrunet as lrunet
-
     block = LruBlock(16, save_memory=False).train()
-    storages = []
-
-    def spy(*args: object) -> tuple[torch.Tensor, torch.Tensor]:
-        repeated, shuffled = repeat_gather(*args)  # type: ignore[arg-type]
-        storages.append(repeated.untyped_storage()._weak_ref())
-        return repeated, shuffled
-
-    original = lrunet.repeat_gather
-    lrunet.repeat_gather = spy
-    try:
-        out = block(torch.randn(2, 16, 4, 4, requires_grad=True))
-    finally:
-        lrunet.repeat_gather = original
-    assert not torch.UntypedStorage._expired(storages[0]), "the repeated input was freed: backward would gather again"
+    out, alive = _forward_watching_the_repeat(block, torch.randn(2, 16, 4, 4, requires_grad=True))
+    assert alive, "the repeated input was freed: backward would gather again"
     out.sum().backward()
 
 
@@ -197,3 +188,10 @@ def test_save_memory_options_are_checked_and_old_blocks_default_to_it() -> None:
     del block.save_memory  # as a block pickled before the option existed
     assert block.save_memory is True
     block.train()(torch.randn(2, 16, 4, 4, requires_grad=True)).sum().backward()
+
+
+def test_save_memory_reaches_the_blocks_through_timm() -> None:
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("lrunet1_1x", save_memory=False)
+    blocks = [b for b in model.modules() if isinstance(b, LruBlock)]
+    assert blocks and not any(b.save_memory for b in blocks)
