@@ -195,3 +195,11 @@ def test_save_memory_reaches_the_blocks_through_timm() -> None:
     model = timm.create_model("lrunet1_1x", save_memory=False)
     blocks = [b for b in model.modules() if isinstance(b, LruBlock)]
     assert blocks and not any(b.save_memory for b in blocks)
+
+
+def test_save_memory_false_scripts_and_trains_under_torchscript() -> None:
+    torch.manual_seed(0)
+    model = randomize(LruNet(num_classes=10, reuse=2, drop_rate=0.0, save_memory=False)).train()
+    scripted = torch.jit.script(copy.deepcopy(model))
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(scripted(x), model(x))
