@@ -636,11 +636,15 @@ def test_export_pte_without_executorch_says_what_to_install(tmp_path: Path, monk
         reuse.deploy.export_pte(plain_cnn(), tmp_path / "m.pte", torch.randn(1, 3, 12, 12))
 
 
-def test_a_trained_lrunet_exports_in_its_split_form_after_inference_mode_evaluation(tmp_path: Path) -> None:
-    """As a user would: train a few steps, evaluate under inference_mode, export (each use split), and the file
-    computes what the trained model computes, in eval mode, at another batch size."""
+@pytest.mark.parametrize("save_memory", [True, False], ids=["save_memory", "keep_repeated"])
+def test_a_trained_lrunet_exports_in_its_split_form_after_inference_mode_evaluation(
+    tmp_path: Path, save_memory: bool
+) -> None:
+    """As a user would: train a few steps (either backward of the blocks), evaluate under inference_mode, train
+    again, export (each use split), and the file computes what the trained model computes, in eval mode, at
+    another batch size."""
     torch.manual_seed(0)
-    model = LruNet(width_mult=0.25, reuse=3, in_chans=1)
+    model = LruNet(width_mult=0.25, reuse=3, in_chans=1, save_memory=save_memory)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     for _ in range(3):
         x, y = torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))
@@ -651,6 +655,10 @@ def test_a_trained_lrunet_exports_in_its_split_form_after_inference_mode_evaluat
     with torch.inference_mode():
         model.eval()(torch.rand(4, 1, 28, 28))
     model.train()  # handed in as the user left it; export_onnx exports its eval-mode function
+    loss = nn.functional.cross_entropy(model(torch.rand(16, 1, 28, 28)), torch.randint(0, 10, (16,)))
+    optimizer.zero_grad()
+    loss.backward()  # training goes on after the inference_mode evaluation
+    optimizer.step()
     report = reuse.deploy.export_onnx(model, tmp_path / "m.onnx", torch.rand(1, 1, 28, 28))
     assert "12 blocks in their fp32 export form" in report.notes[0]
     x = torch.rand(5, 1, 28, 28)

@@ -49,7 +49,8 @@ class LruBlock(nn.Module):
         save_memory: in training, the depthwise conv's backward keeps the block's input (F channels) and gathers
             the 2F repeated channels again, instead of keeping them: a quarter less saved activation memory per
             use, one more gather per use in backward. ``False`` keeps the repeated channels: a faster training
-            step (4-9% for 14-LruNet-1x at batch 256 on a 2-core CPU; docs/performance.md). Same results.
+            step (4-12% for 14-LruNet-1x at batch 256 on two threads of a 2-core CPU, 0-13% on one;
+            docs/performance.md). Same results.
 
     Example:
         >>> LruBlock(64)(torch.randn(2, 64, 8, 8)).shape
