@@ -22,6 +22,7 @@ from reuse.layer import LayerReuse, wrap
 from reuse.models._folded import folded_forward
 from reuse.models._gather import repeat_gather, saved_as_gather
 from reuse.models._layers import GlobalPool, SelfConcat, take_indices
+from reuse.models._pointwise import grouped_pointwise, takes_fast_weight_grad
 from reuse.models._split import SplitLruUse, channel_affine
 
 __all__ = ["LruBlock", "LruNet", "SelfConcat"]
@@ -85,7 +86,7 @@ class LruBlock(nn.Module):
             groups, swap = shuffle
         xr, shortcut = repeat_gather(x, self.channels, groups, swap)  # (B, 2F, H, W) repeated; (B, F, H, W)
         y = self.dw_bn(self._depthwise(xr, x, groups, swap))  # (B, 2F, H, W)
-        y = self.pw_bn(self.pw(y))  # (B, F, H, W)
+        y = self.pw_bn(self._pointwise(y))  # (B, F, H, W)
         return y.add_(shortcut).relu_()  # (B, F, H, W), shortcut; in place: fewer fresh buffers, each one page-faults
 
     def export_form(self) -> nn.Module | None:
@@ -104,6 +105,17 @@ class LruBlock(nn.Module):
         if self.training or channel_affine(self.dw, self.dw_bn) is None or channel_affine(self.pw, self.pw_bn) is None:
             return None
         return SplitLruUse(self)
+
+    def _pointwise(self, y: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self.pw(y)  # (B, F, H, W)
+        return self._pointwise_eager(y)
+
+    @torch.jit.unused
+    def _pointwise_eager(self, y: Tensor) -> Tensor:
+        if takes_fast_weight_grad(y, self.pw):
+            return grouped_pointwise(y, self.pw)  # (B, F, H, W), its weight gradient one einsum (models/_pointwise.py)
+        return self.pw(y)  # (B, F, H, W)
 
     def _depthwise(self, xr: Tensor, source: Tensor, groups: int, swap: bool) -> Tensor:
         if torch.jit.is_scripting() or not self.save_memory:
