@@ -1,11 +1,19 @@
-"""The grouped 1x1 convolution of :class:`reuse.models.LruBlock` in training on CPU, with a faster weight gradient.
+"""The pointwise step of :class:`reuse.models.LruBlock` in training on CPU: its BatchNorm'd depthwise output into
+the grouped 1x1 conv, with a faster weight gradient and one activation tensor less kept for backward.
 
-Private: ``LruBlock`` is the public face. oneDNN's backward of a grouped 1x1 conv spends most of its time on the
-weight gradient (2-4x its forward on the 2-core AVX2 VM). In ``channels_last`` storage that gradient is one
-batched matrix product over the pixels, group by group, with no copy: ``dW[g] = dY[:, g]^T X[:, g]``. The forward
-and the input gradient stay oneDNN's. On a training step of 14-LruNet-1x at batch 256 it cuts the pointwise
-weight gradients from 44 to 19 ms per set of four uses (2 threads; 60 to 30 ms on 1 thread); see
-benchmarks/results/train-pointwise-grad/.
+Private: ``LruBlock`` is the public face. Two things, both exact:
+
+- oneDNN's backward of a grouped 1x1 conv spends most of its time on the weight gradient (2-4x its forward on the
+  2-core AVX2 VM). In ``channels_last`` storage that gradient is one batched matrix product over the pixels,
+  group by group, with no copy: ``dW[g] = dY[:, g]^T X[:, g]``. The forward and the input gradient stay
+  oneDNN's. On 14-LruNet-1x at batch 256 it cuts the pointwise weight gradients from 44 to 19 ms per set of four
+  uses (2 threads; 60 to 30 ms on 1 thread).
+- The conv's input is the depthwise norm's output ``y = z * scale + shift`` (per channel, batch statistics). The
+  weight gradient can be had from ``z``, which the norm keeps for its own backward anyway, so the norm and the
+  conv run as one autograd node that frees ``y`` after the forward: 2F channels less per use, the same kernels
+  in the forward, the same numbers.
+
+Measured in benchmarks/results/train-pointwise-grad/.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["grouped_pointwise", "takes_fast_weight_grad"]
+__all__ = ["grouped_pointwise", "norm_pointwise", "takes_fast_weight_grad", "takes_norm_pointwise"]
 
 
 class _GroupedPointwise(torch.autograd.Function):
@@ -94,3 +102,78 @@ def grouped_pointwise(x: Tensor, conv: nn.Conv2d) -> Tensor:
         True
     """
     return _GroupedPointwise.apply(x, conv.weight, conv.groups)  # (B, C_out, H, W)
+
+
+class _NormPointwise(torch.autograd.Function):
+    """``conv2d(batch_norm(z), weight, groups=groups)`` in training (batch statistics, running statistics updated
+    in place by BatchNorm's own kernel), keeping for backward the norm's input ``z`` and statistics but not its
+    output ``y``: the conv's weight gradient comes from ``z`` (``y = z * scale + shift`` per channel), its input
+    gradient needs the weight only. One 2F-channel tensor less per use of an LRU block, at the same speed."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        z: Tensor,
+        gamma: Tensor,
+        beta: Tensor,
+        weight: Tensor,
+        running: tuple[Tensor, Tensor],
+        groups: int,
+        momentum: float,
+        eps: float,
+    ) -> Tensor:
+        y, mean, invstd = torch.ops.aten.native_batch_norm(z, gamma, beta, *running, True, momentum, eps)
+        ctx.save_for_backward(z, gamma, beta, weight, mean, invstd)
+        ctx.groups, ctx.eps = groups, eps
+        return F.conv2d(y, weight, groups=groups)  # (B, C_out, H, W); y is freed here
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        z, gamma, beta, weight, mean, invstd = ctx.saved_tensors
+        groups = ctx.groups
+        grad_w = None
+        if ctx.needs_input_grad[3]:
+            scale = gamma * invstd  # (C,): y = z * scale + shift
+            shift = beta - mean * scale  # (C,)
+            rows = grad.permute(0, 2, 3, 1).reshape(-1, groups, grad.shape[1] // groups)  # (P, G, C_out/G)
+            from_z = _weight_grad(grad, z, groups) * scale.view(groups, 1, -1)  # (G, C_out/G, C/G)
+            grad_w = (from_z + rows.sum(0).unsqueeze(2) * shift.view(groups, 1, -1)).view_as(weight)
+        if not any(ctx.needs_input_grad[:3]):
+            return None, None, None, grad_w, None, None, None, None
+        grad_y = torch.ops.aten.convolution_backward(
+            grad, z, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], groups, [True, False, False]
+        )[0]  # (B, C, H, W): the gradient of the norm's output
+        grad_z, grad_gamma, grad_beta = torch.ops.aten.native_batch_norm_backward(
+            grad_y, z, gamma, None, None, mean, invstd, True, ctx.eps, list(ctx.needs_input_grad[:3])
+        )
+        return grad_z, grad_gamma, grad_beta, grad_w, None, None, None, None
+
+
+def takes_norm_pointwise(z: Tensor, norm: nn.Module, conv: nn.Module) -> bool:
+    """Whether :func:`norm_pointwise` may stand in for ``conv(norm(z))``: :func:`takes_fast_weight_grad` holds
+    for the conv, and the norm is a plain ``nn.BatchNorm2d`` in training mode, affine, tracking running
+    statistics with a momentum, without hooks, in the conv's dtype, over more than one value per channel."""
+    if not takes_fast_weight_grad(z, conv) or type(norm) is not nn.BatchNorm2d or _has_hooks(norm):
+        return False
+    if not (norm.training and norm.affine and norm.track_running_stats and norm.momentum is not None):
+        return False
+    return norm.weight.dtype == z.dtype and z.numel() > z.shape[1]
+
+
+def norm_pointwise(z: Tensor, norm: nn.BatchNorm2d, conv: nn.Conv2d) -> Tensor:
+    """``conv(norm(z))`` for a pair that :func:`takes_norm_pointwise`: the same numbers, the same update of ``norm``'s
+    running statistics, and one activation tensor (the norm's output) less kept for backward.
+
+    Example:
+        >>> import copy
+        >>> norm, conv = nn.BatchNorm2d(16), nn.Conv2d(16, 8, 1, groups=4, bias=False)
+        >>> z = torch.randn(2, 16, 3, 3) + 2
+        >>> twin = copy.deepcopy(norm)
+        >>> torch.equal(norm_pointwise(z, norm, conv), conv(twin(z)))
+        True
+        >>> torch.equal(norm.running_var, twin.running_var)
+        True
+    """
+    norm.num_batches_tracked.add_(1)  # as nn.BatchNorm2d does in training, before its kernel
+    running = (norm.running_mean, norm.running_var)
+    return _NormPointwise.apply(z, norm.weight, norm.bias, conv.weight, running, conv.groups, norm.momentum, norm.eps)

@@ -22,7 +22,7 @@ from reuse.layer import LayerReuse, wrap
 from reuse.models._folded import folded_forward
 from reuse.models._gather import repeat_gather, saved_as_gather
 from reuse.models._layers import GlobalPool, SelfConcat, take_indices
-from reuse.models._pointwise import grouped_pointwise, takes_fast_weight_grad
+from reuse.models._pointwise import grouped_pointwise, norm_pointwise, takes_fast_weight_grad, takes_norm_pointwise
 from reuse.models._split import SplitLruUse, channel_affine
 
 __all__ = ["LruBlock", "LruNet", "SelfConcat"]
@@ -85,8 +85,8 @@ class LruBlock(nn.Module):
         if shuffle is not None:
             groups, swap = shuffle
         xr, shortcut = repeat_gather(x, self.channels, groups, swap)  # (B, 2F, H, W) repeated; (B, F, H, W)
-        y = self.dw_bn(self._depthwise(xr, x, groups, swap))  # (B, 2F, H, W)
-        y = self.pw_bn(self._pointwise(y))  # (B, F, H, W)
+        z = self._depthwise(xr, x, groups, swap)  # (B, 2F, H, W)
+        y = self.pw_bn(self._norm_pointwise(z))  # (B, F, H, W): pw(dw_bn(z)), then its norm
         return y.add_(shortcut).relu_()  # (B, F, H, W), shortcut; in place: fewer fresh buffers, each one page-faults
 
     def export_form(self) -> nn.Module | None:
@@ -106,15 +106,21 @@ class LruBlock(nn.Module):
             return None
         return SplitLruUse(self)
 
-    def _pointwise(self, y: Tensor) -> Tensor:
+    def _norm_pointwise(self, z: Tensor) -> Tensor:
         if torch.jit.is_scripting():
-            return self.pw(y)  # (B, F, H, W)
-        return self._pointwise_eager(y)
+            return self.pw(self.dw_bn(z))  # (B, F, H, W)
+        return self._norm_pointwise_eager(z)
 
     @torch.jit.unused
-    def _pointwise_eager(self, y: Tensor) -> Tensor:
+    def _norm_pointwise_eager(self, z: Tensor) -> Tensor:
+        """Training on CPU (models/_pointwise.py): the depthwise norm and the pointwise conv in one autograd node that
+        keeps the norm's input, not its output (one 2F-channel tensor less for backward), and computes the conv's
+        weight gradient as one einsum; or, with another norm or hooks, the conv alone with that weight gradient."""
+        if takes_norm_pointwise(z, self.dw_bn, self.pw):
+            return norm_pointwise(z, self.dw_bn, self.pw)  # (B, F, H, W)
+        y = self.dw_bn(z)  # (B, 2F, H, W)
         if takes_fast_weight_grad(y, self.pw):
-            return grouped_pointwise(y, self.pw)  # (B, F, H, W), its weight gradient one einsum (models/_pointwise.py)
+            return grouped_pointwise(y, self.pw)  # (B, F, H, W)
         return self.pw(y)  # (B, F, H, W)
 
     def _depthwise(self, xr: Tensor, source: Tensor, groups: int, swap: bool) -> Tensor:
