@@ -16,8 +16,8 @@ Models (N-LruNet-1x, CIFAR input 3x32x32, 10 classes), all holding the same weig
   (each use's BatchNorm folded into its own convs, weights channels_last), eager.
 - ``library+compile``: the same optimized model under ``torch.compile`` with inductor's freezing (inference
   only; compile time reported apart).
-- ``library save_memory=False``: ``LruNet(save_memory=False)``, whose blocks keep their repeated channels for
-  backward instead of gathering them again (training only).
+- ``library save_memory=True``: ``LruNet(save_memory=True)``, whose blocks gather their repeated channels again
+  in backward instead of keeping them (training only).
 - ``library+ckpt``: ``LruNet`` with per-use activation checkpointing (training only, for the largest N).
 
 Measured: a training step (forward, cross-entropy, backward, SGD with momentum) and an inference forward at
@@ -270,7 +270,7 @@ def models_for(lib: LruNet, ckpt: bool) -> dict[str, Callable[[], nn.Module]]:
         "naive": lambda: naive_from(lib),
         "unrolled": lambda: unrolled_from(lib),
         "library": lambda: copy.deepcopy(lib),
-        "library save_memory=False": lambda: keeping_repeated(lib),
+        "library save_memory=True": lambda: saving_memory(lib),
     }
     if ckpt:
 
@@ -284,12 +284,12 @@ def models_for(lib: LruNet, ckpt: bool) -> dict[str, Callable[[], nn.Module]]:
     return made
 
 
-def keeping_repeated(lib: LruNet) -> LruNet:
-    """A copy of ``lib`` whose blocks keep their repeated channels for backward (``LruBlock(save_memory=False)``)."""
+def saving_memory(lib: LruNet) -> LruNet:
+    """A copy of ``lib`` whose blocks gather their repeated channels again in backward (``save_memory=True``)."""
     model = copy.deepcopy(lib)
     for block in model.modules():
         if isinstance(block, LruBlock):
-            block.save_memory = False
+            block.save_memory = True
     return model
 
 

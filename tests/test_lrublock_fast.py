@@ -141,8 +141,9 @@ def _forward_watching_the_repeat(block: LruBlock, x: torch.Tensor) -> tuple[torc
 
 
 def test_backward_keeps_the_input_not_the_repeated_channels() -> None:
-    """The 2F repeated channels are freed after the forward (backward gathers them again from the input)."""
-    block = LruBlock(16).train()
+    """With ``save_memory=True`` the 2F repeated channels are freed after the forward (backward gathers them again
+    from the input)."""
+    block = LruBlock(16, save_memory=True).train()
     out, alive = _forward_watching_the_repeat(block, torch.randn(2, 16, 4, 4, requires_grad=True))
     assert not alive, "the repeated input is still alive after the forward"
     out.sum().backward()  # and backward still works (it gathers again)
@@ -171,9 +172,14 @@ def test_save_memory_changes_what_backward_keeps_not_the_numbers(save_memory: bo
         torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, msg=name)
 
 
-def test_save_memory_false_keeps_the_repeated_channels_for_backward() -> None:
-    """The mirror of the test above: with ``save_memory=False`` the 2F repeated channels outlive the forward."""
-    block = LruBlock(16, save_memory=False).train()
+@pytest.mark.parametrize(
+    "make", [lambda: LruBlock(16, save_memory=False), lambda: LruBlock(16)], ids=["False", "default"]
+)
+def test_save_memory_false_keeps_the_repeated_channels_for_backward(make) -> None:  # noqa: ANN001
+    """The mirror of the test above: with ``save_memory=False``, the default, the 2F repeated channels outlive the
+    forward."""
+    block = make().train()
+    assert block.save_memory is False
     out, alive = _forward_watching_the_repeat(block, torch.randn(2, 16, 4, 4, requires_grad=True))
     assert alive, "the repeated input was freed: backward would gather again"
     out.sum().backward()
@@ -192,14 +198,16 @@ def test_save_memory_options_are_checked_and_old_blocks_default_to_it() -> None:
 
 def test_save_memory_reaches_the_blocks_through_timm() -> None:
     timm = pytest.importorskip("timm")
-    model = timm.create_model("lrunet1_1x", save_memory=False)
+    model = timm.create_model("lrunet1_1x", save_memory=True)
     blocks = [b for b in model.modules() if isinstance(b, LruBlock)]
-    assert blocks and not any(b.save_memory for b in blocks)
+    assert blocks and all(b.save_memory for b in blocks)
+    assert not any(b.save_memory for b in timm.create_model("lrunet1_1x").modules() if isinstance(b, LruBlock))
 
 
-def test_save_memory_false_scripts_and_trains_under_torchscript() -> None:
+@pytest.mark.parametrize("save_memory", [True, False])
+def test_save_memory_scripts_and_trains_under_torchscript(save_memory: bool) -> None:
     torch.manual_seed(0)
-    model = randomize(LruNet(num_classes=10, reuse=2, drop_rate=0.0, save_memory=False)).train()
+    model = randomize(LruNet(num_classes=10, reuse=2, drop_rate=0.0, save_memory=save_memory)).train()
     scripted = torch.jit.script(copy.deepcopy(model))
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(scripted(x), model(x))

@@ -48,10 +48,13 @@ class LruBlock(nn.Module):
         channels: F, the block's input and output channels.
         pw_groups: groups of the pointwise conv (the paper's 8).
         save_memory: in training, the depthwise conv's backward keeps the block's input (F channels) and gathers
-            the 2F repeated channels again, instead of keeping them: a quarter less saved activation memory per
-            use, one more gather per use in backward. ``False`` keeps the repeated channels: a faster training
-            step (4-12% for 14-LruNet-1x at batch 256 on two threads of a 2-core CPU, 0-13% on one;
-            docs/performance.md). Same results.
+            the 2F repeated channels again, instead of keeping them: a third less saved activation memory per use
+            on CPU (14-LruNet-1x at batch 256: 2.11 GB instead of 3.10 GB), one more gather per use in backward
+            (a step 9-13% slower there). Same results. Off by default (``False``: the repeated channels are kept).
+
+    In training on CPU the depthwise norm and the pointwise conv run as one autograd node that keeps the norm's
+    input, not its output, and computes the conv's weight gradient as one einsum (reuse/models/_pointwise.py):
+    the memory of the repeated channels is paid for by the norm's output not kept.
 
     Example:
         >>> LruBlock(64)(torch.randn(2, 64, 8, 8)).shape
@@ -63,9 +66,9 @@ class LruBlock(nn.Module):
     fuses_shuffle = True  # LayerReuse hook: forward(x, shuffle=(g, swap)) shuffles in its own gather
     forward_uses = staticmethod(folded_forward)  # LayerReuse hook: folded uses in one loop on fused oneDNN ops
 
-    save_memory: bool = True  # the class default: blocks pickled before the option load with it
+    save_memory: bool = True  # blocks pickled before the option existed regathered: they load with that
 
-    def __init__(self, channels: int, pw_groups: int = 8, *, save_memory: bool = True) -> None:
+    def __init__(self, channels: int, pw_groups: int = 8, *, save_memory: bool = False) -> None:
         super().__init__()
         check_bool(save_memory, "save_memory", "LruBlock")
         if channels % pw_groups:
@@ -172,7 +175,7 @@ class LruNet(nn.Module):
             same depth from new layers, every use with its own weights, shuffles and all else unchanged: the
             baseline of the paper's Table 4 (8 uses: 901,962 parameters, the paper's 902k).
         save_memory: the blocks' backward gathers their repeated channels again rather than keeping them
-            (:class:`LruBlock`); ``False`` trains faster with a quarter more saved activations per use.
+            (:class:`LruBlock`): a third less activation memory in training, a slightly slower step.
 
     Example:
         >>> model = LruNet(num_classes=10, reuse=14)
@@ -195,7 +198,7 @@ class LruNet(nn.Module):
         level: str = "layer",
         share: bool = True,
         global_pool: str = "avg",
-        save_memory: bool = True,
+        save_memory: bool = False,
     ) -> None:
         super().__init__()
         check_int(reuse, "reuse", "LruNet", about="the number of uses of each LRU block; 1 is no reuse")
