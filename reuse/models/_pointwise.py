@@ -6,8 +6,8 @@ Private: ``LruBlock`` is the public face. Two things, both exact:
 - oneDNN's backward of a grouped 1x1 conv spends most of its time on the weight gradient (2-4x its forward on the
   2-core AVX2 VM). In ``channels_last`` storage that gradient is one batched matrix product over the pixels,
   group by group, with no copy: ``dW[g] = dY[:, g]^T X[:, g]``. The forward and the input gradient stay
-  oneDNN's. On 14-LruNet-1x at batch 256 it cuts the pointwise weight gradients from 44 to 19 ms per set of four
-  uses (2 threads; 60 to 30 ms on 1 thread).
+  oneDNN's. On 14-LruNet-1x at batch 256 it cuts the pointwise weight gradients from 52 to 21 ms per set of four
+  uses (2 threads; 82 to 41 ms on 1 thread).
 - The conv's input is the depthwise norm's output ``y = z * scale + shift`` (per channel, batch statistics). The
   weight gradient can be had from ``z``, which the norm keeps for its own backward anyway, so the norm and the
   conv run as one autograd node that frees ``y`` after the forward: 2F channels less per use, the same kernels

@@ -49,8 +49,8 @@ class LruBlock(nn.Module):
         pw_groups: groups of the pointwise conv (the paper's 8).
         save_memory: in training, the depthwise conv's backward keeps the block's input (F channels) and gathers
             the 2F repeated channels again, instead of keeping them: a third less saved activation memory per use
-            on CPU (14-LruNet-1x at batch 256: 2.11 GB instead of 3.10 GB), one more gather per use in backward
-            (a step 9-13% slower there). Same results. Off by default (``False``: the repeated channels are kept).
+            on CPU (14-LruNet-1x at batch 256: 2,113 instead of 3,102 MiB), one more gather per use in backward
+            (a step up to 13% slower there). Same results. Off by default (``False``: the repeated channels are kept).
 
     In training on CPU the depthwise norm and the pointwise conv run as one autograd node that keeps the norm's
     input, not its output, and computes the conv's weight gradient as one einsum (reuse/models/_pointwise.py):
