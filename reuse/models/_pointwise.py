@@ -1,7 +1,8 @@
 """The pointwise step of :class:`reuse.models.LruBlock` in training on CPU: its BatchNorm'd depthwise output into
 the grouped 1x1 conv, with a faster weight gradient and one activation tensor less kept for backward.
 
-Private: ``LruBlock`` is the public face. Two things, both exact:
+Private: ``LruBlock`` is the public face. Two things, both exact in arithmetic (the weight gradients differ from
+oneDNN's by rounding only; outputs and running statistics are bitwise the modules'):
 
 - oneDNN's backward of a grouped 1x1 conv spends most of its time on the weight gradient (2-4x its forward on the
   2-core AVX2 VM). In ``channels_last`` storage that gradient is one batched matrix product over the pixels,
@@ -11,7 +12,7 @@ Private: ``LruBlock`` is the public face. Two things, both exact:
 - The conv's input is the depthwise norm's output ``y = z * scale + shift`` (per channel, batch statistics). The
   weight gradient can be had from ``z``, which the norm keeps for its own backward anyway, so the norm and the
   conv run as one autograd node that frees ``y`` after the forward: 2F channels less per use, the same kernels
-  in the forward, the same numbers.
+  in the forward.
 
 Measured in benchmarks/results/train-pointwise-grad/.
 """
